@@ -544,3 +544,22 @@ def test_cuda_matches_cpu():
         gpu = aggregate(name, x.cuda(), 3)  # bucketing: the same default CPU generator
         assert gpu.device.type == "cuda"
         assert torch.allclose(cpu, gpu.cpu(), atol=1e-8), name
+
+
+@pytest.mark.parametrize("d", [4096, 10_001])
+def test_blocked_float32_gram_matches_float64(d):
+    """Large float32 inputs take the column-blocked float64 Gram path (model-sized d): the
+    distances must match a float64 computation on the same values, and the selection rules
+    must pick what they pick on the float64 copy, Byzantine rows at 1e6 included."""
+    from tuneguard.aggregators._geometry import geometry
+
+    gen = torch.Generator().manual_seed(3)
+    honest = 3.0 + 0.01 * torch.randn(12, d, generator=gen)
+    x = torch.cat([honest, torch.full((3, d), 1e6)])
+    x64 = x.to(torch.float64)
+    ref = x64 @ x64.T
+    got = geometry(x).gram
+    assert got.dtype == torch.float64
+    assert torch.allclose(got, ref, rtol=1e-12, atol=0.0)
+    for name in ("mda", "krum", "multi_krum", "bulyan"):
+        assert torch.allclose(aggregate(name, x, 3).to(torch.float64), aggregate(name, x64, 3), rtol=0, atol=1e-6), name

@@ -31,11 +31,21 @@ class RunContext:
     # Reused [k, d] outputs of the clipping pass, one per worker group: a fresh allocation each
     # step costs up to 3x at small b (benchmarks/clipping.py).
     grad_buffers: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    # Reused [k * b, features] batch of each worker group: above 32 MiB (b = 1500) malloc maps
+    # fresh pages for every allocation, and faulting them in costs as much as the gather itself.
+    batch_buffers: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
 
     def grad_buffer(self, workers: tuple[int, ...]) -> torch.Tensor:
         buf = self.grad_buffers.get(workers)
         if buf is None:
             buf = self.grad_buffers[workers] = torch.empty(len(workers), self.d, device=self.device, dtype=self.params.dtype)
+        return buf
+
+    def batch_buffer(self, workers: tuple[int, ...], rows: int) -> torch.Tensor:
+        buf = self.batch_buffers.get(workers)
+        x = self.data.train_x
+        if buf is None or buf.shape[0] != rows:
+            buf = self.batch_buffers[workers] = torch.empty(rows, x[0].numel(), device=x.device, dtype=x.dtype)
         return buf
 
     @property
@@ -74,7 +84,9 @@ def build_context(
     engine loads the data once and shares it through the object store).
     """
     from tuneguard.attacks import ATTACKS
+    from tuneguard.training.allocator import keep_freed_memory
 
+    keep_freed_memory()
     dev = torch.device(device or cfg.resolved_device())
     data = (data if data is not None else load_dataset(cfg.dataset, cfg.data_dir)).to(dev)
     shards = partition(

@@ -45,7 +45,8 @@ class LocalEngine:
         ctx = self.ctx
         parts = []
         for g in self.groups:
-            mom = None if state.momentum is None else state.momentum[g]
+            # One group (the default) takes the buffer as is: indexing would copy [h, d].
+            mom = state.momentum if state.momentum is None or len(self.groups) == 1 else state.momentum[g]
             parts.append(worker_round(ctx, state.theta, mom, g, t))
         honest = WorkerOutput.concat(parts)
         if len(self.groups) > 1:

@@ -21,9 +21,10 @@ def vn_ratio(vectors: torch.Tensor) -> float:
     if k < 2:
         return math.nan
     mean = vectors.mean(0)
-    var = (vectors - mean).pow(2).sum() / (k - 1)
+    # sqrt(sum_i ||G_i - mean||^2) as one norm: no squared temporary, one pass fewer.
+    spread = torch.linalg.vector_norm(vectors - mean) / math.sqrt(k - 1)
     norm = mean.norm()
-    return float(var.sqrt() / norm) if norm > 0 else math.inf
+    return float(spread / norm) if norm > 0 else math.inf
 
 
 def vn_bound(gar: str, n: int, f: int, params: dict | None = None) -> float | None:
