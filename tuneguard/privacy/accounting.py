@@ -61,6 +61,7 @@ import functools
 import math
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -148,12 +149,40 @@ def rdp_wor_gaussian(z: float, q: float, orders: np.ndarray = _WOR_ORDERS) -> np
     return np.minimum(out, orders / (2.0 * z * z))
 
 
+@functools.lru_cache(maxsize=1)
+def _opacus_rdp():
+    """Opacus's RDP analysis module (numpy and scipy only), loaded from its file.
+
+    ``import opacus.accountants...`` runs ``opacus/__init__``, which imports the privacy engine
+    and its dependencies: 4.6-7.6 s on the 2-core box, paid by every Tune trial process at its
+    first epsilon report. The analysis file alone loads in milliseconds.
+    """
+    import importlib.util
+    import sys
+
+    name = "tuneguard._opacus_rdp"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.find_spec("opacus")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("the 'rdp' accountant needs opacus (pip install opacus)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "accountants" / "analysis" / "rdp.py"
+    file_spec = importlib.util.spec_from_file_location(name, path)
+    if file_spec is None or file_spec.loader is None or not path.exists():
+        from opacus.accountants.analysis import rdp  # layout changed: the slow, sure way
+
+        return rdp
+    module = importlib.util.module_from_spec(file_spec)
+    sys.modules[name] = module
+    file_spec.loader.exec_module(module)
+    return module
+
+
 @functools.lru_cache(maxsize=512)
 def _rdp_poisson_one_step(z: float, q: float) -> np.ndarray:
     # one step only: RDP composes additively, so T steps are T times this; the cache makes
     # the searches over T (steps_for_budget) cost one Opacus call (~50 ms) instead of dozens
-    from opacus.accountants.analysis.rdp import compute_rdp
-
+    compute_rdp = _opacus_rdp().compute_rdp
     out = np.asarray(compute_rdp(q=q, noise_multiplier=z, steps=1, orders=list(RDP_ORDERS)), dtype=np.float64)
     out.flags.writeable = False
     return out

@@ -208,7 +208,8 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
         try:
             result = train(spec.cfg, tracking_uri=job.tracking_uri, run_name=name, tags=tags,
                            parent_run_id=job.parent_run_id, callback=on_step, checkpoint_fn=on_checkpoint,
-                           checkpoint_every=job.checkpoint_every, resume=resume.get(spec.key))
+                           checkpoint_every=job.checkpoint_every, resume=resume.get(spec.key),
+                           plots=space.tune.run_plots)
         except BaseException as err:  # noqa: BLE001 - handed to the trial thread
             lock.finish(spec.key, error=err)
             return

@@ -98,6 +98,7 @@ class TuneSettings(_Strict):
     engine: Literal["local", "actors"] | None = Field(None, description="overrides base.engine")
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs a local-engine trial reserves")
     max_failures: int = Field(1, ge=0, description="times a failed trial is retried from its checkpoint")
+    run_plots: bool = Field(False, description="log each run's curves figure (plots/curves.png): ~1 s of matplotlib per run")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between trial checkpoints; default ~4 per run")
     n_startup_trials: int | None = Field(None, ge=1, description="random trials before TPE; default max(2, min(10, num_samples // 2))")
 
