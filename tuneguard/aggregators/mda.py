@@ -141,7 +141,8 @@ def _break_tie(geo: Geometry, excluded_sets: Tensor, n: int) -> tuple[float, flo
     finite = torch.where(torch.isfinite(sqdist), sqdist, zero)
     kept = torch.ones((excluded_sets.shape[0], n), dtype=sqdist.dtype, device=sqdist.device)
     kept.scatter_(1, excluded_sets, 0.0)
-    spread = torch.einsum("ti,ij,tj->t", kept, finite, kept) / 2
+    # (kept finite) . kept row-wise; not torch.einsum, which plans its contraction on every call
+    spread = ((kept @ finite) * kept).sum(dim=1) / 2
     coord_sum = kept @ geo.row_sum
     coord_sum = torch.where(spread == spread.min(), coord_sum, inf)
     j = int(coord_sum.argmin())
