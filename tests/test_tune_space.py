@@ -59,6 +59,13 @@ def test_paper_grid_is_the_001_grid(name):
     cfg = sp.runs(pts[0])[0].cfg
     assert (cfg.n_workers, cfg.momentum, cfg.lr, cfg.clip, cfg.steps) == (15, 0.99, 0.5, 2.0, 300)
     assert cfg.privacy.delta == 1e-5 and cfg.privacy.mode == "per_step"
+    # What a trial receives is the Tune config (encoded); both grids use the names f, gar and
+    # attack with different values, and each point must come back as itself.
+    for p in pts:
+        assert sp.decode(sp.encode(p)) == p
+    attacked = next(p for p in pts if p["f"] == 6 and p["gar"] == "krum")
+    cfg = sp.runs(sp.decode(sp.encode(attacked)))[0].cfg
+    assert (cfg.f, cfg.gar.name, cfg.attack.name) == (6, "krum", attacked["attack"])
 
 
 def test_heterogeneous_space_matches_003():
@@ -206,6 +213,22 @@ tune: {objective: worst_case, seeds: [1, 2]}
     assert len({r.key for r in runs}) == 4
     assert runs[1].cfg.attack.params == {"zeta": 2.0}
     assert all(r.cfg.f == 2 and r.cfg.privacy.mode == "total" and r.cfg.privacy.total_eps == 3.0 for r in runs)
+
+
+def test_grids_giving_one_name_different_values_decode_per_grid():
+    sp = space(BASE + textwrap.dedent("""
+        search:
+          - {f: [1, 2], gar: {choice: [median, {name: krum}]}, lr: 0.1}
+          - {f: 0, gar: average, lr: {choice: [0.2, 0.3]}}
+        tune: {mode: grid}
+    """))
+    pts = sp.validate().points
+    assert len(pts) == 6
+    for p in pts:
+        assert sp.decode(sp.encode(p)) == p
+    assert sp.decode({"f": 0, "gar": "average", "lr": 0.3}) == {"f": 0, "gar": "average", "lr": 0.3}
+    with pytest.raises(SpaceError):
+        sp.decode({"f": 0, "gar": "median", "lr": 0.1})  # no grid has this combination
 
 
 def test_mapping_choices_round_trip_through_labels():

@@ -155,6 +155,15 @@ def _is_primitive(v: Any) -> bool:
     return v is None or isinstance(v, str | int | float | bool)
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal as search values: 3 == 3.0, but True is not 1."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return float(a) == float(b)
+    return a == b
+
+
 def _label(v: Any) -> Any:
     return yaml.safe_dump(v, default_flow_style=True, sort_keys=True).strip()
 
@@ -180,8 +189,12 @@ class Param:
             return list(self.values)
         return [_label(v) for v in self.values]
 
-    def decode(self, raw: Any) -> Any:
+    def decode(self, raw: Any, *, strict: bool = False) -> Any:
+        """A Tune config value (a label) -> the parameter's value. ``strict``: a const accepts
+        only its own value (to tell apart grids that give one name different consts)."""
         if self.kind == "const":
+            if strict and not self.accepts(raw):
+                raise SpaceError(f"search.{self.name}: {raw!r} is not its value {self.values[0]!r}")
             return self.values[0]
         if self.kind == "choice":
             labels = self.labels
@@ -194,6 +207,22 @@ class Param:
         if self.kind in ("int", "logint"):
             return int(raw)
         return float(raw)
+
+    def accepts(self, value: Any) -> bool:
+        """Whether ``value`` (a value or its label) is one this parameter can take."""
+        if self.kind in ("const", "choice"):
+            return any(_same(value, v) or _same(value, lab) for v, lab in zip(self.values, self.labels, strict=True))
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            return False
+        return self.low <= x <= self.high
+
+    def encode(self, value: Any) -> Any:
+        """The Tune config value of ``value``: itself, or a label for non-primitive choices."""
+        if self.kind != "choice" or all(_is_primitive(x) for x in self.values):
+            return value
+        return _label(value)
 
     def active(self, point: dict[str, Any]) -> bool:
         return all(n in point and _matches(point[n], allowed) for n, allowed in self.when)
@@ -735,17 +764,34 @@ class Space:
         return out
 
     def decode(self, config: dict[str, Any]) -> dict[str, Any]:
-        """A Tune trial config (labels) -> the point (values), for the parameters of this space."""
-        by_name = {p.name: p for grid in self.grids for p in grid}
-        return {k: by_name[k].decode(v) for k, v in config.items() if k in by_name}
+        """A Tune trial config (labels) -> the point (values), for the parameters of this space.
+
+        With a list of grids, one name may mean different things in different grids (``f: [3,
+        6]`` in one, ``f: 0`` in another): the point is decoded by the first grid that holds all
+        its parameters and accepts every value (a const only its own value).
+        """
+        names = {p.name for grid in self.grids for p in grid}
+        items = {k: v for k, v in config.items() if k in names}
+        error: SpaceError | None = None
+        for grid in self._grids_for(items):
+            by_name = {p.name: p for p in grid}
+            try:
+                return {k: by_name[k].decode(v, strict=True) for k, v in items.items()}
+            except SpaceError as err:
+                error = err
+        raise error or SpaceError(f"no grid of the search holds the parameters {sorted(items)}")
 
     def encode(self, point: dict[str, Any]) -> dict[str, Any]:
-        by_name = {p.name: p for grid in self.grids for p in grid}
-        out = {}
-        for k, v in point.items():
-            p = by_name[k]
-            out[k] = v if p.kind != "choice" or all(_is_primitive(x) for x in p.values) else _label(v)
-        return out
+        names = {p.name for grid in self.grids for p in grid}
+        items = {k: v for k, v in point.items() if k in names}
+        for grid in self._grids_for(items):
+            by_name = {p.name: p for p in grid}
+            if all(by_name[k].accepts(v) for k, v in items.items()):
+                return {k: by_name[k].encode(v) for k, v in items.items()}
+        raise SpaceError(f"the point {point!r} is not a point of any grid of the search")
+
+    def _grids_for(self, items: dict[str, Any]) -> list[list[Param]]:
+        return [grid for grid in self.grids if set(items) <= {p.name for p in grid}]
 
     # validation -----------------------------------------------------------------------------
     def validate(self) -> ValidationReport:
