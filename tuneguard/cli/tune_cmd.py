@@ -22,7 +22,7 @@ def tune(
     num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the private local Ray cluster (default: all)"),
     data_dir: str = typer.Option(None, "--data-dir", help="torchvision data root for every trial (sets base.data_dir)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the space and print the plan; run nothing"),
-    no_progress: bool = typer.Option(False, "--no-progress", help="no live view (one line per finished trial is still printed)"),
+    no_progress: bool = typer.Option(False, "--no-progress", help="no live view and no per-trial lines: only the plan and the final summary"),
     as_json: bool = typer.Option(False, "--json", help="print the job summary as JSON at the end"),
 ) -> None:
     """Search a space (batch size, GAR, noise, ...) for the best cross-accuracy under attack and a privacy budget.
