@@ -259,8 +259,9 @@ def test_resume_after_killing_the_driver(tmp_path, data_dir):
     """SIGKILL `tuneguard tune` once a trial finished; `--resume` completes the job without
     running any trial twice (Optuna study and MLflow runs counted by trial id)."""
     name = f"tg-resume-{uuid.uuid4().hex[:6]}"
-    raw = tiny(name, tune={"num_samples": 3, "seed": 1, "checkpoint_every": 2})
-    raw["base"].update(steps=24, eval_every=2)
+    # Trials of a few seconds each: long enough to kill the driver while the second one runs.
+    raw = tiny(name, tune={"num_samples": 3, "seed": 1, "checkpoint_every": 8})
+    raw["base"].update(steps=160, eval_every=4)
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump(raw))
     rdir = tmp_path / "job"
@@ -316,7 +317,7 @@ def test_resume_after_killing_the_driver(tmp_path, data_dir):
     assert len(tune_ids) == 3, trial_ids
     assert all(k.info.status == "FINISHED" for k in kids)
     for k in kids:  # the interrupted trial continued its run from a checkpoint, or restarted it: no gaps
-        assert {m.step for m in cl.get_metric_history(k.info.run_id, "train_loss")} == set(range(1, 25))
+        assert {m.step for m in cl.get_metric_history(k.info.run_id, "train_loss")} == set(range(1, 161))
     reports = tune_results(rdir)  # (a lost trial's folder may linger; Tune's own trials all finished)
     assert tune_ids <= set(reports)
     assert all(any(r.get("trial_done") for r in reports[t]) for t in tune_ids)
