@@ -1,6 +1,6 @@
 """Seconds per step of the Ray actor engine against the local engine, same config.
 
-    python -m benchmarks.actor_overhead [--steps 5] [--repeats 9] [--batch-sizes 50 500] [--write]
+    python -m benchmarks.actor_overhead [--steps 5] [--repeats 9] [--batch-sizes 25 500] [--write]
 
 Setting (001): Fashion-MNIST, n = 15, f = 3, MDA, ``little``, DP per step (eps 0.2, Theorem 1),
 worker momentum 0.99, the 001 MLP. Engines: the local engine (all 12 honest workers in one
@@ -110,7 +110,7 @@ def measure(b: int, steps: int, repeats: int) -> list[dict]:
     engines = [local, Timed("local (1 thread)", LocalEngine(ctx), "12 (one pass)", None, threads=1)]
     for wpa in (1, None):
         t0 = time.perf_counter()
-        eng = ActorEngine(config(b, "actors", wpa))
+        eng = ActorEngine(config(b, "actors", wpa), warm=False)  # two engines live at once
         startup = time.perf_counter() - t0
         sizes = sorted({len(g) for g in eng.layout.groups})
         label = f"actors, {len(eng.layout.groups)} worker actors"
@@ -153,7 +153,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=9)
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[50, 500])
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[25, 500])
     ap.add_argument("--nice", type=int, default=0,
                     help="raise this process's niceness first (15: the niceness Ray gives its workers)")
     ap.add_argument("--write", action="store_true", help="write the table into BENCHMARKS.md")

@@ -24,7 +24,9 @@ from tuneguard.training.actors import (
     WorkerLost,
     default_worker_actors,
     plan_layout,
+    shutdown_warm,
     trial_resources,
+    warm_pool,
 )
 from tuneguard.training.context import build_context
 from tuneguard.training.local import LocalEngine
@@ -42,7 +44,8 @@ def cfg_of(**over):
 @pytest.fixture(scope="module")
 def ray_cluster(ray_local):
     yield ray_local
-    # No actor of ours may outlive its engine.
+    # Only this process's warm pool outlives its engines, and it goes with shutdown_warm().
+    shutdown_warm()
     assert _our_actors() == []
 
 
@@ -106,8 +109,33 @@ def test_same_numbers_as_local_engine(ray_cluster, data_dir, gar, attack, privac
             assert sizes == ([1] * 4 if wpa == 1 else [3, 1])
         assert (engine.plan.sigma > 0) == (privacy == "per_step")
         got = run_steps(engine, cfg.steps)
-    assert _our_actors() == []
+        names = set(engine.actor_names())
+    # Inside a Ray connection the engine does not own, its actors stay warm for the next run.
+    assert {a["name"] for a in _our_actors()} == names and warm_pool() is not None
     assert_same(got, local_reference(cfg))
+
+
+@pytest.mark.slow
+def test_warm_actors_are_reset_not_restarted_between_runs(ray_cluster, data_dir):
+    """A second run with the same layout (another seed, attack, GAR and privacy) takes the first
+    run's actors, reset: no new process, and the local engine's numbers for the new config."""
+    first = cfg_of(gar="median", attack="little", privacy={"mode": "per_step"}, actors={"workers_per_actor": 2})
+    second = cfg_of(gar="krum", attack="empire", privacy={"mode": "none"}, seed=7, momentum=0.5,
+                    actors={"workers_per_actor": 2})
+    with ActorEngine(first) as engine:
+        run_steps(engine, 2)
+        pids = {k: v["pid"] for k, v in engine.actor_memory().items()}
+        started = engine.pool.started
+    with ActorEngine(second) as engine:
+        assert engine.reused and engine.pool.started == started
+        assert {k: v["pid"] for k, v in engine.actor_memory().items()} == pids
+        assert all(v["resets"] == 2 for v in engine.actor_memory().values())
+        got = run_steps(engine, second.steps)
+    assert_same(got, local_reference(second))
+    # A layout that differs (another grouping) replaces the warm pool.
+    with ActorEngine(cfg_of(actors={"workers_per_actor": 4})) as engine:
+        assert not engine.reused and set(engine.actor_memory()) != set(pids)
+    assert len(_our_actors()) == 3
 
 
 @pytest.mark.slow
@@ -130,16 +158,17 @@ def test_train_loop_label_flip_and_resume_match_local(ray_cluster, data_dir):
             assert ma.keys() == mb.keys()
             for k in ma:
                 assert ma[k] == pytest.approx(mb[k], abs=TOL, rel=TOL), k
+    shutdown_warm()
     assert _our_actors() == []
 
 
 # Faults ------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_dead_and_hung_workers_are_replaced_then_the_run_stops_by_name(ray_cluster, data_dir):
+def test_dead_and_hung_workers_are_replaced_then_the_run_stops_by_name(ray_cluster, data_dir, tracking_uri):
     cfg = cfg_of(gar="median", attack="little", steps=5, eval_every=5,
                  actors={"workers_per_actor": 2, "max_restarts": 1, "step_timeout_s": 5})
     ref = train(build_config({**cfg.model_dump(mode="json"), "engine": "local"}), track=False)
-    engine = ActorEngine(cfg)
+    engine = ActorEngine(cfg, warm=False)
     try:
         # 1. A worker actor killed after step 2 (as an OOM kill would), the server after step 4:
         #    restarted, momentum and theta restored, same numbers.
@@ -150,8 +179,14 @@ def test_dead_and_hung_workers_are_replaced_then_the_run_stops_by_name(ray_clust
                 engine._kill_worker_for_test(0)
             if m["step"] == 4:
                 ray.kill(engine.server, no_restart=True)
-        got = train(cfg, track=False, engine=engine, callback=kill)
+        got = train(cfg, tracking_uri=tracking_uri, engine=engine, callback=kill)
         assert got.status == "FINISHED"
+        # The restarts are on the run's MLflow record.
+        from mlflow import MlflowClient
+
+        run = MlflowClient(tracking_uri).get_run(got.run_id)
+        assert run.data.tags["tuneguard.actor_restarts"] == "2" and run.data.metrics["actor_restarts"] == 2
+        assert "honest-worker actor 0" in run.data.tags["tuneguard.actor_restart_log"]
         assert [h["param_norm"] for h in got.history] == pytest.approx([h["param_norm"] for h in ref.history], abs=TOL)
         assert got.final_cross_accuracy == pytest.approx(ref.final_cross_accuracy, abs=TOL)
         assert engine.worker_actors[0] is not victim
@@ -182,7 +217,8 @@ def test_dead_and_hung_workers_are_replaced_then_the_run_stops_by_name(ray_clust
 @pytest.mark.slow
 def test_restarts_disabled_fails_fast_naming_the_worker(ray_cluster, data_dir):
     cfg = cfg_of(steps=3, actors={"workers_per_actor": 4, "max_restarts": 0})
-    engine = ActorEngine(cfg)
+    shutdown_warm()
+    engine = ActorEngine(cfg)  # warm by default, but a failed run's actors are not kept
     handles = [*engine.worker_actors, engine.server, engine.byzantine_actor]
     start = time.perf_counter()
     with pytest.raises(WorkerLost, match=r"honest-worker actor 0 \(worker ids 0-3\).*restarts are disabled"):
@@ -296,6 +332,7 @@ def test_missing_token_file_is_created_for_a_private_cluster(tmp_path, monkeypat
 
 def test_actors_that_cannot_fit_fail_at_once_with_advice(ray_cluster, data_dir):
     cfg = cfg_of(n_workers=15, f=3, actors={"workers_per_actor": 1, "cpus_per_actor": 0.25})
+    shutdown_warm()
     start = time.perf_counter()
     with pytest.raises(RuntimeError, match=r"14 actors x actors.cpus_per_actor=0.25 = 3.5 CPUs.*has 2"):
         ActorEngine(cfg)

@@ -110,10 +110,14 @@ class ActorsConfig(_Strict):
     workers_per_actor: int | None = Field(
         None, ge=1, description="honest workers computed by one actor; None: chosen for the machine"
     )
-    cpus_per_actor: float = Field(0.25, gt=0, description="fractional CPUs each actor reserves")
+    cpus_per_actor: float | None = Field(
+        None, gt=0, description="fractional CPUs each actor reserves; None: 0.25 outside Tune, and in a tune job "
+        "an equal share of tune.cpus_per_trial for the trainable and each actor")
     step_timeout_s: float = Field(120.0, gt=0, description="seconds a step may take before it is retried")
     max_restarts: int = Field(2, ge=0, description="times a dead worker actor is restarted")
     address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS, else a private local cluster")
+    placement: Literal["pack", "spread"] = Field(
+        "pack", description="where a run's actors go: pack (as few nodes as possible) or spread (over the nodes)")
 
 
 class ExperimentConfig(_Strict):

@@ -21,6 +21,8 @@ def tune(
     concurrency: int = typer.Option(None, "--concurrency", min=1, help="trials at once (default: cluster CPUs // CPUs per trial)"),
     num_cpus: int = typer.Option(None, "--num-cpus", min=1, help="CPUs of the private local Ray cluster (default: all)"),
     data_dir: str = typer.Option(None, "--data-dir", help="torchvision data root for every trial (sets base.data_dir)"),
+    ship_data: bool = typer.Option(False, "--ship-data", help="load the data here and ship it to the trials through "
+                                   "Ray's object store (clusters without a shared filesystem; sets tune.ship_data)"),
     dry_run: bool = typer.Option(False, "--dry-run", help="validate the space and print the plan; run nothing"),
     no_progress: bool = typer.Option(False, "--no-progress", help="no live view and no per-trial lines: only the plan and the final summary"),
     as_json: bool = typer.Option(False, "--json", help="print the job summary as JSON at the end"),
@@ -37,6 +39,7 @@ def tune(
 
     from tuneguard.config import ConfigError
     from tuneguard.raycluster import RayConnectError
+    from tuneguard.tune.cluster import PreflightError
     from tuneguard.tune.search import ResumeError, resume_job, start_job
     from tuneguard.tune.space import Space
 
@@ -46,13 +49,15 @@ def tune(
     out = err_console if as_json else console
     try:
         if resume is not None:
-            if set_ or data_dir or dry_run or results_dir:
-                fail("--resume continues the job as it was: --set, --data-dir, --results-dir and --dry-run do not apply")
+            if set_ or data_dir or dry_run or results_dir or ship_data:
+                fail("--resume continues the job as it was: --set, --data-dir, --ship-data, --results-dir and "
+                     "--dry-run do not apply")
             out.print(f"resuming the tune job in [bold]{resume}[/]")
             summary = resume_job(resume, tracking_uri=tracking_uri, address=address, concurrency=concurrency,
                                  progress=not no_progress, console=out, num_cpus=num_cpus)
         else:
-            overrides = list(set_) + ([f"base.data_dir={data_dir}"] if data_dir else [])
+            overrides = (list(set_) + ([f"base.data_dir={data_dir}"] if data_dir else [])
+                         + (["tune.ship_data=true"] if ship_data else []))
             sp = Space.load(space, overrides)
             report = sp.validate()
             out.print(f"[bold]{space}[/]: " + (sp.raw.get("description") or ""), highlight=False)
@@ -65,7 +70,7 @@ def tune(
                 return
             summary = start_job(sp, tracking_uri=tracking_uri, results_dir=results_dir, address=address,
                                 concurrency=concurrency, progress=not no_progress, console=out, num_cpus=num_cpus)
-    except (ConfigError, ResumeError, RayConnectError) as err:
+    except (ConfigError, ResumeError, RayConnectError, PreflightError) as err:
         fail(str(err))
     _print_summary(summary, out)
     if as_json:
@@ -74,16 +79,26 @@ def tune(
         print(json.dumps(asdict(summary), default=str))
     if summary.interrupted:
         raise typer.Exit(130)
+    if summary.failed:
+        raise typer.Exit(1)
 
 
 def _print_summary(s, out) -> None:
     out.print()
-    status = "[yellow]interrupted[/]" if s.interrupted else "[green]finished[/]"
+    status = "[yellow]interrupted[/]" if s.interrupted else "[red]failed[/]" if s.failed else "[green]finished[/]"
     out.print(f"job [bold]{s.job_id}[/] {status} in {s.seconds:.0f} s: {s.completed}/{s.trials} trials completed"
               + (f", {s.stopped} stopped early (ASHA)" if s.stopped else "")
               + (f", {s.infeasible} infeasible" if s.infeasible else "")
               + (f", {s.excluded} excluded" if s.excluded else "")
               + (f", [red]{s.errored} failed[/]" if s.errored else ""), highlight=False)
+    if s.first_error:
+        out.print(f"[red]first error[/] (trial {s.first_error_trial or '?'}): {s.first_error}", highlight=False)
+    if s.stop_reason:
+        out.print(f"[yellow]stopped early:[/] {s.stop_reason}", highlight=False)
+    if s.failed:
+        out.print(f"results: {s.results_dir} (each trial's error.txt has its traceback)", highlight=False)
+        out.print(f"browse:    tuneguard ui --tracking-uri {s.tracking_uri}", highlight=False)
+        return
     if s.best_objective is not None:
         cfg = " ".join(f"{k}={v}" for k, v in (s.best_config or {}).items())
         out.print(f"best objective [bold green]{s.best_objective:.4f}[/]  {cfg}  (MLflow run {s.best_run_id})", highlight=False)

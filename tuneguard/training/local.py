@@ -8,13 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from tuneguard.training.context import RunContext
-from tuneguard.training.metrics import evaluate, step_metrics
-from tuneguard.training.step import (
-    WorkerOutput,
-    aggregate_and_update,
-    byzantine_vectors,
-    worker_round,
-)
+from tuneguard.training.metrics import evaluate
+from tuneguard.training.server import server_step
+from tuneguard.training.step import WorkerOutput, byzantine_vectors, worker_round
 
 
 @dataclass
@@ -58,9 +54,7 @@ class LocalEngine:
             byz_ids = list(range(ctx.cfg.n_honest, ctx.cfg.n_workers))
             flipped = worker_round(ctx, state.theta, state.byz_momentum, byz_ids, t, flip=True)
         byz = byzantine_vectors(ctx, honest.submit, t, flipped)
-        theta, R = aggregate_and_update(ctx, state.theta, torch.cat([honest.submit, byz]), t)
-        metrics = step_metrics(honest.sample, honest.submit, R, honest.loss, honest.grad_norm, honest.clipped_frac)
-        metrics["param_norm"] = float(theta.norm())
+        theta, metrics = server_step(ctx, state.theta, honest, byz, t)
         new_state = TrainState(theta, honest.momentum, flipped.momentum if flipped is not None else None)
         return new_state, metrics
 

@@ -28,21 +28,17 @@ class RunResult:
     run_id: str | None
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    engine_info: dict[str, str] = field(default_factory=dict)  # engine facts for the MLflow run's tags
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "history"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("history", "engine_info")}
 
 
-def make_engine(cfg: ExperimentConfig, worker_groups: Sequence[Sequence[int]] | None = None):
-    """The engine ``cfg.engine`` names, built for this process."""
-    if cfg.engine == "actors":
-        from tuneguard.training.actors import ActorEngine
+def make_engine(cfg: ExperimentConfig, worker_groups: Sequence[Sequence[int]] | None = None, data: Any = None):
+    """The engine ``cfg.engine`` names (:data:`tuneguard.training.engine.ENGINES`)."""
+    from tuneguard.training.engine import make_engine as _make
 
-        return ActorEngine(cfg)
-    from tuneguard.training.context import build_context
-    from tuneguard.training.local import LocalEngine
-
-    return LocalEngine(build_context(cfg), worker_groups=worker_groups)
+    return _make(cfg, worker_groups, data)
 
 
 def train(
@@ -60,6 +56,7 @@ def train(
     checkpoint_every: int = 0,
     resume: dict[str, Any] | None = None,
     plots: bool = True,
+    data: Any = None,
 ) -> RunResult:
     """Run ``cfg`` to completion (or divergence) and return its numbers.
 
@@ -92,7 +89,7 @@ def train(
     try:
         try:
             own_engine = engine is None
-            engine = engine or make_engine(cfg, worker_groups)
+            engine = engine or make_engine(cfg, worker_groups, data)
         except InfeasibleBudget as err:
             result = RunResult("INFEASIBLE", str(err), 0, 0, math.nan, math.nan, math.nan, None,
                                tracker.run_id if tracker else None)
@@ -102,6 +99,11 @@ def train(
             return result
         try:
             result = _loop(cfg, engine, tracker, callback, checkpoint_fn, checkpoint_every, resume)
+            result.engine_info = engine_info(engine)
+        except BaseException:
+            if tracker:  # a lost actor's restarts are part of the failed run's record
+                tracker.set_tags(engine_info(engine))
+            raise
         finally:
             if own_engine:
                 engine.close()
@@ -192,12 +194,34 @@ def _eps_spent(cfg: ExperimentConfig, plan, steps: int) -> float | None:
         return None
 
 
+def engine_info(engine) -> dict[str, str]:
+    """What an engine reports about itself for the run's MLflow tags: for the actor engine, the
+    actor restarts of the run (with the log), whether its actors were warm, their start-up time."""
+    info: dict[str, str] = {}
+    log = getattr(engine, "restart_log", None)
+    if log is not None:
+        info["tuneguard.actor_restarts"] = str(len(log))
+        if log:
+            info["tuneguard.actor_restart_log"] = "\n".join(log)[:4000]
+    if getattr(engine, "reused", None) is not None and hasattr(engine, "pool"):
+        info["tuneguard.actors_warm"] = "1" if engine.reused else "0"
+        pool = engine.pool
+        if pool is not None:
+            info["tuneguard.actor_nodes"] = str(len(set(pool.nodes())))
+        startup = getattr(engine, "startup_seconds", math.nan)
+        if math.isfinite(startup):
+            info["tuneguard.actor_startup_s"] = f"{startup:.3f}"
+    return info
+
+
 def _finish_tracking(tracker, cfg: ExperimentConfig, result: RunResult, plots: bool = True) -> None:
-    tracker.log_metrics({"final_cross_accuracy": result.final_cross_accuracy,
-                         "best_cross_accuracy": result.max_cross_accuracy,
-                         "run_seconds": result.seconds}, step=result.steps)
+    metrics = {"final_cross_accuracy": result.final_cross_accuracy, "best_cross_accuracy": result.max_cross_accuracy,
+               "run_seconds": result.seconds}
+    if "tuneguard.actor_restarts" in result.engine_info:
+        metrics["actor_restarts"] = float(result.engine_info["tuneguard.actor_restarts"])
+    tracker.log_metrics(metrics, step=result.steps)
     tracker.set_tags({"tuneguard.status": result.status, "tuneguard.message": result.message[:4000],
-                      "sigma": f"{result.sigma:.6g}"})
+                      "sigma": f"{result.sigma:.6g}", **result.engine_info})
     try:
         if plots:
             tracker.log_figure(curves_figure(cfg, result.history), "plots/curves.png")

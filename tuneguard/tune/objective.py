@@ -49,6 +49,7 @@ class JobContext:
     space_text: str
     space_path: str | None
     checkpoint_every: int
+    data_refs: dict[str, Any] | None = None  # tune.ship_data: cluster.data_key -> ObjectRef of the packed dataset
 
 
 class _Aborted(BaseException):
@@ -179,8 +180,8 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
     _drop_unfinished_attempts(job, existing, [s.key for s in live if s.key not in resume],
                               {v.get("run_id") for v in (*done.values(), *resume.values())})
     # Local runs of a trial go side by side (threads on the trial's CPUs), meeting at evaluation
-    # steps. The actor engine takes the trial's placement group bundle by bundle for one run, so
-    # its runs go one after another.
+    # steps. The actor engine's runs go one after another through the trial's warm actors (one
+    # pool per process: the actors hold one run's context at a time).
     sequential = len(specs) > 1 and specs[0].cfg.engine == "actors"
     lock = Lockstep([])
     multi = len(specs) > 1
@@ -204,12 +205,17 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
         tags = {"tuneguard.kind": "trial", "tuneguard.job": job.job_id, "tuneguard.trial": trial_id,
                 "tuneguard.attack": spec.attack, "tuneguard.seed": str(spec.seed),
                 "tuneguard.run_key": spec.key, "tuneguard.objective_name": space.tune.objective,
-                "tuneguard.point": _point_json(point)}
+                "tuneguard.point": _point_json(point), "tuneguard.node": _node_id()}
         try:
+            data = None
+            if job.data_refs:
+                from tuneguard.tune.cluster import data_key
+
+                data = job.data_refs[data_key(spec.cfg.dataset, spec.cfg.data_dir)]
             result = train(spec.cfg, tracking_uri=job.tracking_uri, run_name=name, tags=tags,
                            parent_run_id=job.parent_run_id, callback=on_step, checkpoint_fn=on_checkpoint,
                            checkpoint_every=job.checkpoint_every, resume=resume.get(spec.key),
-                           plots=space.tune.run_plots)
+                           plots=space.tune.run_plots, data=data)
         except BaseException as err:  # noqa: BLE001 - handed to the trial thread
             lock.finish(spec.key, error=err)
             return
@@ -339,7 +345,8 @@ def _load_checkpoint() -> dict[str, dict[str, Any]]:
         path = os.path.join(d, CHECKPOINT_FILE)
         if not os.path.exists(path):
             return {}
-        data = torch.load(path, map_location="cpu", weights_only=False)
+        # tuneguard's own file: tensors, dicts, lists and numbers only (no pickled code).
+        data = torch.load(path, map_location="cpu", weights_only=True)
     return dict(data.get("runs", {}))
 
 
@@ -446,6 +453,16 @@ def _record_outcome(job: JobContext, trial_id: str, point: dict[str, Any], statu
         tr.set_tags({RESULT_TAG: json.dumps({**report, "run_ids": tr.run_id})})
         tr.end("FINISHED")
         return tr.run_id
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+def _node_id() -> str:
+    """The Ray node this trial runs on."""
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id()
     except Exception:  # noqa: BLE001
         return ""
 

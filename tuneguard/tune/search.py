@@ -27,7 +27,7 @@ import json
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Snapshot the experiment state every 2 s (Ray's "auto" waits >= 10 s): after a killed driver,
 # Tune restores the last snapshot, and trials started after it are lost (see reconcile_runs).
 os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+# Tune logs every trial's traceback; a job prints the first error once (FailureGuard, summary).
+os.environ.setdefault("TUNE_PRINT_ALL_TRIAL_ERRORS", "0")
 
 TUNE_DIR = "tune"
 JOB_FILE = "job.json"
@@ -106,6 +108,10 @@ class JobSummary:
     seconds: float
     interrupted: bool = False
     stopped: int = 0  # stopped early by ASHA
+    failed: bool = False  # no trial completed and at least one failed: the job failed
+    first_error: str | None = None  # the first failed trial's error (its last traceback line)
+    first_error_trial: str | None = None
+    stop_reason: str | None = None  # why the job stopped before its last trial, if it did
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,7 +168,8 @@ class TrialResources(_SpaceFromText):
         if specs and specs[0].cfg.engine == "actors":
             from tuneguard.training.actors import trial_resources
 
-            return trial_resources(specs[0].cfg)  # the runs of an actors trial go one after another
+            # The runs of an actors trial go one after another through the same warm actors.
+            return trial_resources(specs[0].cfg, trial_cpus=space.tune.cpus_per_trial)
         return PlacementGroupFactory([{"CPU": space.tune.cpus_per_trial}])
 
 
@@ -206,7 +213,7 @@ def _concurrency(space: Space, override: int | None) -> tuple[int, float, float]
         if cfg.engine == "actors":
             from tuneguard.training.actors import trial_resources
 
-            per_trial = cpus_of(trial_resources(cfg))
+            per_trial = cpus_of(trial_resources(cfg, trial_cpus=space.tune.cpus_per_trial))
         else:
             per_trial = space.tune.cpus_per_trial
     auto = max(1, int(cpus // per_trial + 1e-9))
@@ -397,24 +404,47 @@ def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console
     job = JobContext(job_id=info.job_id, tracking_uri=info.tracking_uri, parent_run_id=info.parent_run_id,
                      experiment=info.experiment, space_text=space.text, space_path=space.path,
                      checkpoint_every=info.checkpoint_every)
+    from tuneguard.tune.cluster import (
+        PreflightError,
+        datasets_of,
+        job_env,
+        preflight,
+        ship_datasets,
+    )
+    from tuneguard.tune.failures import FailureGuard
+
     start = time.time()
     env_dir = os.environ.get("TUNEGUARD_DATA_DIR")
     if env_dir and not Path(env_dir).expanduser().is_absolute():  # trials run in their own dirs
         os.environ["TUNEGUARD_DATA_DIR"] = str(Path(env_dir).expanduser().resolve())
-    conn = connect(address, num_cpus=num_cpus, logging_level="ERROR")
+    # Trials and actors may run on other nodes, in processes that never saw this shell: they get
+    # its TUNEGUARD_* / MLFLOW_* settings through the job's runtime_env.
+    conn = connect(address, num_cpus=num_cpus, logging_level="ERROR", runtime_env={"env_vars": job_env()})
     interrupted = False
     grid = None
+    guard = FailureGuard(space.tune.stop_after_identical_failures)
     try:
+        pairs = datasets_of(space)
+        if console is not None and space.tune.ship_data:
+            console.print("[dim]shipping the data through Ray's object store (tune.ship_data)[/]")
+        try:
+            preflight([] if space.tune.ship_data else pairs, info.tracking_uri)
+        except PreflightError:
+            _mark_failed(info, "pre-flight check failed")
+            raise
+        if space.tune.ship_data:
+            job = replace(job, data_refs=ship_datasets(pairs))
         conc, cluster_cpus, per_trial = _concurrency(space, concurrency)
         if console is not None:
-            console.print(f"[dim]ray: {cluster_cpus:g} CPUs, {per_trial:g} per trial -> up to {conc} trial(s) at once[/]")
+            console.print(f"[dim]ray: {cluster_cpus:g} CPUs, {per_trial:g} per trial -> up to {conc} trial(s) at once; "
+                          f"engine {space.representative_config().engine}[/]")
         trainable = _trainable(space, job)
         from tuneguard.tune.progress import configure
 
         configure(console=console, enabled=progress, concurrency=conc)
-        callbacks = _callbacks(space, info)
+        callbacks = [*_callbacks(space, info), guard]
         run_config = tune.RunConfig(
-            name=TUNE_DIR, storage_path=str(rdir), verbose=0, callbacks=callbacks,
+            name=TUNE_DIR, storage_path=str(rdir), verbose=0, callbacks=callbacks, stop=guard,
             failure_config=tune.FailureConfig(max_failures=space.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         )
@@ -428,9 +458,10 @@ def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console
                 tune_config=tune.TuneConfig(
                     metric="objective", mode="max", search_alg=_search_alg(space, rdir, info.study_name),
                     scheduler=_scheduler(space), num_samples=space.num_samples, max_concurrent_trials=conc,
-                    # A finished trial's process runs the next one: no new torch import, and the
-                    # dataset stays loaded (data.load_dataset caches it per process). Not with
-                    # ASHA: a stopped trial's process is still inside tune.report and cannot be reset.
+                    # A finished trial's process runs the next one: no new torch import, the dataset
+                    # stays loaded (data.load_dataset caches it per process) and, with the actor
+                    # engine, so do the trial's actors (warm pool). Not with ASHA: a stopped trial's
+                    # process is still inside tune.report and cannot be reset.
                     reuse_actors=space.tune.scheduler == "none",
                 ),
                 run_config=run_config,
@@ -442,7 +473,8 @@ def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console
         from tuneguard.tune.progress import job_completed
 
         # Ctrl-C: Tune saves its state and returns normally; the tracker saw unfinished trials.
-        interrupted = interrupted or job_completed() is False
+        # A job the failure guard stopped is finished (failed), not interrupted.
+        interrupted = interrupted or (job_completed() is False and guard.reason is None)
     finally:
         conn.close()
     if not interrupted:
@@ -454,14 +486,37 @@ def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console
         if trial_ids is not None:
             reconcile_runs(info, set(trial_ids))
     summary = _summarise(space, info, grid, time.time() - start, interrupted)
+    summary.stop_reason = guard.reason
+    if guard.first is not None and summary.first_error is None:
+        from tuneguard.tune.failures import headline
+
+        summary.first_error_trial, summary.first_error = guard.first[0], headline(guard.first[1])
+    summary.failed = not interrupted and summary.completed == 0 and (summary.errored > 0 or guard.reason is not None)
+    status = "INTERRUPTED" if interrupted else "FAILED" if summary.failed else "FINISHED"
     cl = client(info.tracking_uri)
     try:
-        cl.set_tag(info.parent_run_id, "tuneguard.status", "INTERRUPTED" if interrupted else "FINISHED")
+        cl.set_tag(info.parent_run_id, "tuneguard.status", status)
+        if summary.failed or summary.stop_reason:
+            cl.set_tag(info.parent_run_id, "tuneguard.message",
+                       (summary.stop_reason or f"every trial failed; the first: {summary.first_error}")[:4000])
         cl.log_dict(info.parent_run_id, asdict(summary), "summary.json")
-        cl.set_terminated(info.parent_run_id, status="KILLED" if interrupted else "FINISHED")
+        cl.set_terminated(info.parent_run_id, status={"INTERRUPTED": "KILLED"}.get(status, status))
     except Exception:  # noqa: BLE001 - the summary must still print
         pass
     return summary
+
+
+def _mark_failed(info: JobInfo, message: str) -> None:
+    """End the job's MLflow run FAILED (the job stopped before any trial ran)."""
+    from tuneguard.tracking import client
+
+    try:
+        cl = client(info.tracking_uri)
+        cl.set_tag(info.parent_run_id, "tuneguard.status", "FAILED")
+        cl.set_tag(info.parent_run_id, "tuneguard.message", message[:4000])
+        cl.set_terminated(info.parent_run_id, status="FAILED")
+    except Exception:  # noqa: BLE001
+        pass
 
 
 def reconcile_runs(info: JobInfo, trial_ids: set[str]) -> tuple[int, int]:
@@ -498,6 +553,7 @@ def reconcile_runs(info: JobInfo, trial_ids: set[str]) -> tuple[int, int]:
 
 def _summarise(space: Space, info: JobInfo, grid, seconds: float, interrupted: bool) -> JobSummary:
     completed = errored = infeasible = excluded = stopped = 0
+    first_error: str | None = None
     best: tuple[float, dict, str] | None = None
     trials = 0
     if grid is not None:
@@ -506,6 +562,10 @@ def _summarise(space: Space, info: JobInfo, grid, seconds: float, interrupted: b
             m = r.metrics or {}
             if r.error is not None:
                 errored += 1
+                if first_error is None:
+                    from tuneguard.tune.failures import headline
+
+                    first_error = headline(str(r.error))
                 continue
             if m.get("trial_done"):
                 completed += 1
@@ -519,7 +579,7 @@ def _summarise(space: Space, info: JobInfo, grid, seconds: float, interrupted: b
                     best = (obj, space.decode((r.config or {}).get("point", r.config or {})), str(m.get("best_run_id", "")))
     return JobSummary(info.job_id, info.results_dir, info.tracking_uri, info.experiment, info.parent_run_id, trials,
                       completed, errored, infeasible, excluded, best[0] if best else None, best[1] if best else None,
-                      best[2] if best else None, seconds, interrupted, stopped)
+                      best[2] if best else None, seconds, interrupted, stopped, first_error=first_error)
 
 
 def _note(space: Space, job_id: str, rdir: Path) -> str:

@@ -84,6 +84,11 @@ class AshaSettings(_Strict):
     reduction_factor: int = Field(2, ge=2)
 
 
+# Tune jobs run each trial on Ray actors (server, honest and Byzantine workers) unless the space
+# says otherwise; `tuneguard train` keeps the config's default (local).
+DEFAULT_TUNE_ENGINE = "actors"
+
+
 class TuneSettings(_Strict):
     """The ``tune`` section."""
 
@@ -95,9 +100,15 @@ class TuneSettings(_Strict):
     seed: int = Field(0, description="seed of Optuna's TPE sampler")
     seeds: list[int] | None = Field(None, description="training seeds each config runs with; the objective averages them")
     objective: Literal["max_cross_accuracy", "worst_case"] = "max_cross_accuracy"
-    engine: Literal["local", "actors"] | None = Field(None, description="overrides base.engine")
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs a local-engine trial reserves")
+    engine: Literal["local", "actors"] | None = Field(
+        None, description="overrides base.engine; when neither is set, tune jobs use actors")
+    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs a trial reserves in all (actors: shared by the "
+                                  "trainable and its actors, one worker actor per whole CPU)")
     max_failures: int = Field(1, ge=0, description="times a failed trial is retried from its checkpoint")
+    stop_after_identical_failures: int = Field(
+        3, ge=0, description="stop the job once this many trials failed with the same error (0: never)")
+    ship_data: bool = Field(False, description="load the data once where the job starts and ship the arrays to the "
+                            "trials through Ray's object store (clusters without a shared filesystem)")
     run_plots: bool = Field(False, description="log each run's curves figure (plots/curves.png): ~1 s of matplotlib per run")
     checkpoint_every: int | None = Field(None, ge=1, description="steps between trial checkpoints; default ~4 per run")
     n_startup_trials: int | None = Field(None, ge=1, description="random trials before TPE; default max(2, min(10, num_samples // 2))")
@@ -686,6 +697,8 @@ class Space:
         raw = copy.deepcopy(self.base)
         if self.tune.engine:
             raw["engine"] = self.tune.engine
+        elif "engine" not in raw:
+            raw["engine"] = DEFAULT_TUNE_ENGINE
         if self.scenario.f is not None:
             raw["f"] = self.scenario.f
         if self.scenario.privacy:

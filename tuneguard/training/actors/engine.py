@@ -7,22 +7,23 @@ One step (Algorithm 1 of paper 001), as the driver submits it without waiting in
     honest + Byzantine (ObjectRefs)   ->  ParameterServer.update -> theta_{t+1} (ObjectRef), metrics
 
 Only the metrics dict comes back to the driver; vectors go actor to actor through the object
-store. The actors call the same step functions as the local engine (:mod:`..step`), keyed by
-worker id, so a run gives the local engine's numbers however the workers are grouped.
+store. The actors call the same step functions as the local engine (:mod:`..step`, and
+:func:`..server.server_step` on the server), keyed by worker id, so a run gives the local
+engine's numbers however the workers are grouped.
 
+The actors are warm (:mod:`.pool`): started once per process and layout, reset for each run.
 State lives in ObjectRefs the driver holds: theta_t and each actor's previous output (which
 carries its workers' momentum). Actors keep nothing between steps, so when a worker actor
 dies (killed, OOM) or hangs past ``actors.step_timeout_s``, the engine starts a new one (up to
-``actors.max_restarts`` times, a hang only once), hands it the last momentum and recomputes
-the step: the run ends with the numbers of an undisturbed run. When it cannot, it raises
-:class:`WorkerLost`, naming the actor and its worker ids.
+``actors.max_restarts`` times per run, a hang only once), hands it the last momentum and
+recomputes the step: the run ends with the numbers of an undisturbed run. When it cannot, it
+raises :class:`WorkerLost`, naming the actor and its worker ids.
 """
 
 from __future__ import annotations
 
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -31,22 +32,10 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from tuneguard.config import ExperimentConfig
 from tuneguard.raycluster import RayConnection, connect
+from tuneguard.training.actors import pool as pools
 from tuneguard.training.actors.layout import ActorLayout, plan_layout
-from tuneguard.training.actors.remote import (
-    ByzantineWorkers,
-    HonestWorkers,
-    ParameterServer,
-    dataset_to_numpy,
-)
-
-
-class WorkerLost(RuntimeError):
-    """An actor of the run died or hung and could not be replaced; the run stops."""
-
-    def __init__(self, message: str, actor: str = "", workers: list[int] | None = None):
-        super().__init__(message)
-        self.actor = actor
-        self.workers = list(workers or [])
+from tuneguard.training.actors.pool import ActorPool, Slot, WorkerLost
+from tuneguard.training.actors.remote import dataset_from_numpy, dataset_to_numpy
 
 
 @dataclass
@@ -56,30 +45,6 @@ class ActorState:
     theta: ray.ObjectRef
     honest: list[ray.ObjectRef | None]  # per worker actor: its last output (momentum), None at start
     byz: ray.ObjectRef | None = None  # Byzantine actor's last output (label-flip momentum)
-
-
-@dataclass
-class _Slot:
-    """One actor of the run and its history of failures."""
-
-    kind: str  # server | workers | byzantine
-    index: int  # worker actors: 0.., others 0
-    workers: list[int]
-    options: dict[str, Any]
-    args: tuple
-    handle: Any = None
-    restarts: int = 0
-    timeouts: int = 0
-    pids: list[int] = field(default_factory=list)
-    actor_id: str | None = None  # hex id of the running actor (reported by the actor itself)
-
-    @property
-    def label(self) -> str:
-        if self.kind == "workers":
-            return f"honest-worker actor {self.index} (worker ids {_ids(self.workers)})"
-        if self.kind == "byzantine":
-            return f"Byzantine actor (worker ids {_ids(self.workers)})"
-        return "parameter-server actor"
 
 
 @dataclass
@@ -95,43 +60,67 @@ class ActorEngine:
 
     ``ActorEngine(cfg)`` connects to Ray (:func:`tuneguard.raycluster.connect`: the running
     connection inside a Tune trial, else ``actors.address`` / ``RAY_ADDRESS``, else a private
-    local cluster it shuts down in :meth:`close`), puts the preprocessed dataset in the object
-    store once and starts the actors (:mod:`.layout` says which and what they reserve).
+    local cluster it shuts down in :meth:`close`) and takes its actors from this process's warm
+    pool when the layout matches (:func:`.pool.acquire`), else starts them. The dataset goes to
+    the object store once per pool; ``data``, an ObjectRef of a packed dataset
+    (:func:`.remote.dataset_to_numpy`), replaces reading it from disk (clusters without a shared
+    filesystem).
+
+    ``warm``: keep the actors for the next run of this process after :meth:`close` (default:
+    when the Ray connection is not this engine's own, e.g. inside a Tune trial).
     """
 
     name = "actors"
 
-    def __init__(self, cfg: ExperimentConfig, *, connection: RayConnection | None = None):
+    def __init__(self, cfg: ExperimentConfig, *, connection: RayConnection | None = None,
+                 data: ray.ObjectRef | None = None, warm: bool | None = None):
         from tuneguard.training.context import build_context
 
         self.cfg = cfg
-        self._slots: list[_Slot] = []
+        self.pool: ActorPool | None = None
         self._conn: RayConnection | None = None
         self._closed = False
         self.startup_seconds = float("nan")
+        self.reused = False
         self.restart_log: list[str] = []
         self.placement_group = None
         self._ahead: tuple[int, ActorState, _StepRefs] | None = None
+        self._broken = False
+        from tuneguard.training.plan import InfeasibleBudget
+
         try:
+            self._conn = connection or connect(cfg.actors.address)
+            self.warm = (not self._conn.owned) if warm is None else warm
+            t0 = time.perf_counter()
+            layout, bundles, pg = self._resolve_layout()
+            self.placement_group = pg  # the Tune trial's placement group the actors run in, or None
+            kwargs = dict(n_honest=cfg.n_honest, n_workers=cfg.n_workers, threads=max(1, int(layout.cpus)),
+                          bundles=bundles, pg=pg, ready_timeout_s=max(cfg.actors.step_timeout_s, 60.0))
+            if self.warm:
+                self.pool, self.reused = pools.acquire(layout, **kwargs)
+            else:
+                self.pool = ActorPool(layout, **kwargs)
+            self.pool.spawn()  # new actors import torch while this process loads the data
+            shipped = dataset_from_numpy(ray.get(data)) if data is not None else None
             # The same data, partition and privacy plan as the local engine, built in this process;
-            # an infeasible budget raises here, before anything starts.
-            ctx = build_context(cfg, "cpu")
+            # an infeasible budget raises here (the warm actors stay for the next run).
+            ctx = build_context(cfg, "cpu", data=shipped)
             self.plan = ctx.plan
             self.label_flip = ctx.label_flip
             self.d = ctx.d
-            self._conn = connection or connect(cfg.actors.address)
-            t0 = time.perf_counter()
-            self.layout, bundles, pg = self._resolve_layout()
-            self.placement_group = pg  # the Tune trial's placement group the actors run in, or None
-            data = ray.put(dataset_to_numpy(ctx.data))
-            del ctx
-            self._build_slots(data, bundles, pg)
-            for slot in self._slots:
-                self._start(slot)
-            self._wait_ready(self._slots)
+            if data is not None:
+                key, ref = f"ref:{data.hex()}", data
+            else:
+                key = f"{cfg.dataset}:{cfg.data_dir or ''}"
+                ref = self.pool.data_ref(key, lambda data=ctx.data: dataset_to_numpy(data))
+            del ctx, shipped
+            self.pool.reset(cfg, self.plan, key, ref)
             self.startup_seconds = time.perf_counter() - t0
-        except BaseException:
+        except InfeasibleBudget:
             self.close()
+            raise
+        except BaseException:
+            self.close(keep=False)
             raise
 
     # Set-up --------------------------------------------------------------------------------
@@ -184,61 +173,14 @@ class ActorEngine:
             )
         return has_gpu
 
-    def _build_slots(self, data: ray.ObjectRef, bundles: list[dict[str, float]] | None, pg: Any) -> None:
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+    @property
+    def layout(self) -> ActorLayout:
+        assert self.pool is not None
+        return self.pool.layout
 
-        cfg, layout = self.cfg, self.layout
-        device = "cuda" if layout.gpus else "cpu"
-        # One torch thread per whole CPU an actor reserves (at least one). Giving the server more
-        # (it runs while the workers wait) measured slower on a busy 2-core machine: OpenMP threads
-        # of different processes then wait on each other (BENCHMARKS.md, actor engine).
-        self.threads = max(1, int(layout.cpus))
-        tag = uuid.uuid4().hex[:8]
-        self._name_prefix = f"tuneguard-{tag}"
-        roles = [("server", 0, [], ())]
-        roles += [("workers", i, g, (g,)) for i, g in enumerate(layout.groups)]
-        if layout.byzantine:
-            roles.append(("byzantine", 0, list(range(cfg.n_honest, cfg.n_workers)), ()))
-        for bundle_index, (kind, index, workers, extra) in enumerate(roles, start=1):
-            common = (cfg, self.plan, data, device, self.threads)
-            if bundles is None:
-                res = layout.actor_resources()
-            else:
-                res = bundles[bundle_index]
-            options: dict[str, Any] = {"num_cpus": res.get("CPU", 0.0), "max_restarts": 0, "max_task_retries": 0}
-            if res.get("GPU"):
-                options["num_gpus"] = res["GPU"]
-            if pg is not None:
-                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
-                    pg, placement_group_bundle_index=bundle_index, placement_group_capture_child_tasks=False
-                )
-            self._slots.append(_Slot(kind, index, workers, options, common + extra))
-
-    def _start(self, slot: _Slot) -> None:
-        cls = {"server": ParameterServer, "workers": HonestWorkers, "byzantine": ByzantineWorkers}[slot.kind]
-        name = f"{self._name_prefix}-{slot.kind}{slot.index}-r{slot.restarts}"
-        slot.handle = cls.options(name=name, **slot.options).remote(*slot.args)
-
-    def _wait_ready(self, slots: list[_Slot]) -> None:
-        timeout = max(self.cfg.actors.step_timeout_s, 60.0)
-        refs = [s.handle.ready.remote() for s in slots]
-        try:
-            pids = ray.get(refs, timeout=timeout)
-        except RayActorError as err:
-            slot = next((s for s, r in zip(slots, refs, strict=True) if _failed(r)), None)
-            what = slot.label if slot else "an actor of the run"
-            raise WorkerLost(f"the {what} died while starting: {err}", slot.label if slot else "",
-                             slot.workers if slot else []) from None
-        except GetTimeoutError:
-            raise WorkerLost(
-                f"the actors did not start within {timeout:.0f} s: the cluster may lack the resources they "
-                f"reserve ({len(slots)} actors x {self.layout.actor_resources()}; available: "
-                f"{ray.available_resources()}). Lower actors.cpus_per_actor, raise actors.workers_per_actor, "
-                "or in Ray Tune use trial_resources(cfg)."
-            ) from None
-        for s, (pid, actor_id) in zip(slots, pids, strict=True):
-            s.pids.append(pid)
-            s.actor_id = actor_id
+    @property
+    def _slots(self) -> list[Slot]:
+        return self.pool.slots if self.pool is not None else []
 
     @property
     def server(self):
@@ -254,7 +196,12 @@ class ActorEngine:
         return next((s.handle for s in self._slots if s.kind == "byzantine"), None)
 
     def actor_names(self) -> list[str]:
-        return [f"{self._name_prefix}-{s.kind}{s.index}-r{s.restarts}" for s in self._slots]
+        return self.pool.names() if self.pool is not None else []
+
+    @property
+    def restarts(self) -> int:
+        """Actor restarts in this run."""
+        return len(self.restart_log)
 
     def _kill_worker_for_test(self, i: int) -> None:
         """Test hook: kill honest-worker actor ``i`` as an OOM kill would."""
@@ -265,7 +212,6 @@ class ActorEngine:
         refs = [s.handle.memory.remote() for s in self._slots]
         return {s.label: m for s, m in zip(self._slots, ray.get(refs, timeout=60), strict=True)}
 
-    # The engine interface -----------------------------------------------------------------
     def init_state(self) -> ActorState:
         from tuneguard.training.context import build_theta
 
@@ -273,6 +219,13 @@ class ActorEngine:
         return ActorState(ray.put(theta.numpy()), [None] * len(self.layout.groups), None)
 
     def step(self, state: ActorState, t: int) -> tuple[ActorState, dict[str, float]]:
+        try:
+            return self._step(state, t)
+        except BaseException:
+            self._broken = True  # a failed run's actors are not handed to the next run
+            raise
+
+    def _step(self, state: ActorState, t: int) -> tuple[ActorState, dict[str, float]]:
         refs = self._take_prefetched(state, t) or _StepRefs([None] * len(self.layout.groups))
         while True:
             self._submit(state, t, refs)
@@ -325,7 +278,7 @@ class ActorEngine:
             prepared = srv.prepare.remote(t, *refs.honest) if byz_slot is not None and not self.label_flip else None
             refs.theta, refs.metrics = srv.update.remote(t, state.theta, refs.byz, prepared, *refs.honest)
 
-    def _byz_slot(self) -> _Slot | None:
+    def _byz_slot(self) -> Slot | None:
         return next((s for s in self._slots if s.kind == "byzantine"), None)
 
     def _recover(self, err: RayError, refs: _StepRefs, t: int) -> None:
@@ -337,10 +290,10 @@ class ActorEngine:
         dead_ids = {_lost_actor_id(err)} - {None}
         workers = [s for s in self._slots if s.kind == "workers"]
         byz = self._byz_slot()
-        parts: list[tuple[_Slot, ray.ObjectRef | None]] = list(zip(workers, refs.honest, strict=True))
+        parts: list[tuple[Slot, ray.ObjectRef | None]] = list(zip(workers, refs.honest, strict=True))
         if byz is not None:
             parts.append((byz, refs.byz))
-        hung: list[_Slot] = []
+        hung: list[Slot] = []
         for slot, ref in parts:
             if ref is None:
                 continue
@@ -377,7 +330,7 @@ class ActorEngine:
             refs.byz = None
         refs.metrics = refs.theta = None
 
-    def _count_timeout(self, slot: _Slot, where: str) -> None:
+    def _count_timeout(self, slot: Slot, where: str) -> None:
         slot.timeouts += 1
         if slot.timeouts > 1:
             raise WorkerLost(
@@ -387,24 +340,9 @@ class ActorEngine:
                 slot.label, slot.workers,
             )
 
-    def _restart(self, slot: _Slot, where: str, why: str, err: BaseException) -> None:
-        limit = self.cfg.actors.max_restarts
-        if slot.restarts >= limit:
-            raise WorkerLost(
-                f"{where}: the {slot.label} {why} ({type(err).__name__}) and "
-                + (f"has already been restarted {limit} time(s) (actors.max_restarts={limit})"
-                   if limit else "restarts are disabled (actors.max_restarts=0)")
-                + "; the run stops.",
-                slot.label, slot.workers,
-            ) from None
-        try:
-            ray.kill(slot.handle, no_restart=True)
-        except Exception:  # already gone
-            pass
-        slot.restarts += 1
-        self.restart_log.append(f"{where}: restarted the {slot.label} ({why}), restart {slot.restarts}/{limit}")
-        self._start(slot)
-        self._wait_ready([slot])
+    def _restart(self, slot: Slot, where: str, why: str, err: BaseException) -> None:
+        assert self.pool is not None
+        self.pool.restart(slot, where, why, err, self.cfg.actors.max_restarts, self.restart_log)
 
     def export_state(self, state: ActorState) -> dict[str, torch.Tensor | None]:
         theta = torch.from_numpy(ray.get(state.theta).copy())
@@ -438,29 +376,25 @@ class ActorEngine:
                 self._restart(server, "evaluation", "hung", err)
             except RayActorError as err:
                 self._restart(server, "evaluation", "died", err)
+            except BaseException:
+                self._broken = True
+                raise
 
     # Shutdown -------------------------------------------------------------------------------
-    def close(self, wait_s: float = 10.0) -> None:
-        """Kill every actor of the run (waiting up to ``wait_s`` for them to be gone); shut Ray
-        down if this engine started it. Idempotent."""
+    def close(self, wait_s: float = 10.0, *, keep: bool | None = None) -> None:
+        """End the run: keep the actors warm for this process's next run (``warm``), or kill them
+        (waiting up to ``wait_s``); shut Ray down if this engine started it. Idempotent."""
         if self._closed:
             return
         self._closed = True
         self._ahead = None
-        handles = [s.handle for s in self._slots if s.handle is not None]
-        for slot in self._slots:
-            slot.handle = None
-            slot.args = ()  # frees the dataset in the object store
-        if handles and ray.is_initialized():
-            for h in handles:
-                try:
-                    ray.kill(h, no_restart=True)
-                except Exception:  # already dead, or Ray is going away
-                    pass
-            try:  # a call on a killed actor fails once it is gone
-                ray.wait([h.ready.remote() for h in handles], num_returns=len(handles), timeout=wait_s)
-            except Exception:
-                pass
+        keep = getattr(self, "warm", False) and not self._broken if keep is None else keep
+        pool, self.pool = self.pool, None
+        if pool is not None:
+            if keep and pool.alive():
+                pools.release(pool)
+            else:
+                pool.kill(wait_s)
         if self._conn is not None:
             self._conn.close()
 
@@ -477,17 +411,6 @@ class ActorEngine:
             pass
 
 
-def _failed(ref: ray.ObjectRef) -> bool:
-    ready, _ = ray.wait([ref], timeout=0)
-    if not ready:
-        return False
-    try:
-        ray.get(ref, timeout=0)
-    except RayError:
-        return True
-    return False
-
-
 def _lost_actor_id(err: BaseException) -> str | None:
     """The id of the actor whose loss ``err`` reports (directly, or as the failed dependency of a
     later task); None when ``err`` is not about a lost actor."""
@@ -500,11 +423,3 @@ def _lost_actor_id(err: BaseException) -> str | None:
     if aid is None:
         return "<unknown>"
     return aid if isinstance(aid, str) else aid.hex()
-
-
-def _ids(ids: list[int]) -> str:
-    if not ids:
-        return "none"
-    if ids == list(range(ids[0], ids[-1] + 1)) and len(ids) > 2:
-        return f"{ids[0]}-{ids[-1]}"
-    return ", ".join(map(str, ids))

@@ -86,6 +86,7 @@ class ActorLayout:
     byzantine: bool  # whether a Byzantine actor is created (f > 0)
     cpus: float  # CPUs each actor (and the driver's bundle) reserves
     gpus: float  # GPU share each actor reserves (0: CPU run)
+    placement: str = "pack"  # pack: actors on as few nodes as possible; spread: over the nodes
 
     @property
     def n_actors(self) -> int:
@@ -103,11 +104,16 @@ class ActorLayout:
         return [{"CPU": self.cpus}] + [self.actor_resources() for _ in range(self.n_actors)]
 
 
-def plan_layout(cfg: ExperimentConfig, *, cpus: int | None = None, gpu: bool | None = None,
-                n_worker_actors: int | None = None) -> ActorLayout:
+STANDALONE_CPUS_PER_ACTOR = 0.25  # outside Tune, when actors.cpus_per_actor is not set
+
+
+def plan_layout(cfg: ExperimentConfig, *, cpus: float | None = None, gpu: bool | None = None,
+                n_worker_actors: int | None = None, trial_cpus: float | None = None) -> ActorLayout:
     """The actors a run of ``cfg`` creates. ``n_worker_actors`` (read back from a placement
     group) replaces the core count of the default grouping when ``actors.workers_per_actor``
-    is not set."""
+    is not set. ``trial_cpus``: the CPUs a Tune trial reserves in all; then, unless
+    ``actors.cpus_per_actor`` is set, every bundle (trainable + each actor) gets an equal share
+    of it, so that e.g. two trials of 1 CPU run side by side on 2 CPUs."""
     h = cfg.n_honest
     wpa = cfg.actors.workers_per_actor
     if wpa is not None:
@@ -118,18 +124,27 @@ def plan_layout(cfg: ExperimentConfig, *, cpus: int | None = None, gpu: bool | N
     n_actors = 1 + len(groups) + int(cfg.f > 0)
     # A trial reserves one GPU in all, shared by its actors.
     gpus = round(1.0 / n_actors, 4) if gpu else 0.0
-    return ActorLayout(groups, cfg.f > 0, float(cfg.actors.cpus_per_actor), gpus)
+    per = cfg.actors.cpus_per_actor
+    if per is None:
+        # Rounded down to Ray's resource granularity (1e-4) so the bundles never sum past the trial.
+        per = (int(trial_cpus / (n_actors + 1) * 1e4) / 1e4) if trial_cpus else STANDALONE_CPUS_PER_ACTOR
+    return ActorLayout(groups, cfg.f > 0, float(per), gpus, cfg.actors.placement)
 
 
-def trial_resources(cfg: ExperimentConfig, *, cpus: int | None = None):
+def trial_resources(cfg: ExperimentConfig, *, cpus: float | None = None, trial_cpus: float | None = None):
     """The ``ray.tune.PlacementGroupFactory`` a Tune trial running ``cfg`` on the actor engine
     needs: bundle 0 for the trainable, one bundle per actor the engine will create (server,
-    honest-worker actors, Byzantine actor), each ``actors.cpus_per_actor`` CPUs (plus a GPU
-    share on CUDA runs). Use it as ``tune.with_resources(trainable, trial_resources(cfg))``;
-    Tune then packs as many trials as the cluster holds, without deadlock.
+    honest-worker actors, Byzantine actor), each ``actors.cpus_per_actor`` CPUs (default: an
+    equal share of ``trial_cpus``) plus a GPU share on CUDA runs. Use it as
+    ``tune.with_resources(trainable, trial_resources(cfg))``; Tune then packs as many trials as
+    the cluster holds, without deadlock. ``actors.placement`` is the group's strategy: PACK (the
+    actors of a trial on as few nodes as possible) or SPREAD (over the cluster's nodes).
 
-    ``cpus``: the cores the default grouping assumes (default: this machine's).
+    ``cpus``: the cores the default grouping assumes (default: ``trial_cpus`` when given, one
+    worker actor per whole CPU of the trial, else this machine's cores).
     """
     from ray.tune import PlacementGroupFactory
 
-    return PlacementGroupFactory(plan_layout(cfg, cpus=cpus).bundles(), strategy="PACK")
+    grouping = cpus if cpus is not None else (max(1, int(trial_cpus)) if trial_cpus else None)
+    layout = plan_layout(cfg, cpus=grouping, trial_cpus=trial_cpus)
+    return PlacementGroupFactory(layout.bundles(), strategy=layout.placement.upper())

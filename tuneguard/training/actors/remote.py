@@ -1,6 +1,7 @@
-"""The Ray actors of the actor engine. They are stateless between steps: everything a step needs
-(theta_t, the previous momentum) arrives as an argument, by ObjectRef, so a restarted actor
-recomputes a step exactly, and a step can be retried without double-applying momentum.
+"""The Ray actors of the actor engine. They are warm (started once, reset for each run) and
+stateless between steps: everything a step needs (theta_t, the previous momentum) arrives as an
+argument, by ObjectRef, so a restarted actor recomputes a step exactly, and a step can be
+retried without double-applying momentum.
 
 Values travel as dicts of numpy arrays: Ray stores them once in the object store and actors on
 the same node read them without copying.
@@ -19,13 +20,10 @@ import torch
 from tuneguard.config import ExperimentConfig
 from tuneguard.data import Dataset
 from tuneguard.training.context import build_context
-from tuneguard.training.metrics import evaluate, gar_distance, honest_metrics
+from tuneguard.training.metrics import evaluate
 from tuneguard.training.plan import PrivacyPlan
-from tuneguard.training.step import (
-    aggregate_and_update,
-    byzantine_vectors,
-    worker_round,
-)
+from tuneguard.training.server import HonestSummary, honest_summary, server_step
+from tuneguard.training.step import WorkerOutput, byzantine_vectors, worker_round
 
 Packed = dict[str, Any]  # str -> numpy array (what actors return)
 
@@ -83,32 +81,57 @@ def memory_info() -> dict[str, float]:
 
 
 class _Role:
-    """Shared set-up: threads, the device, a RunContext over the shared dataset."""
+    """Shared set-up: threads, the device; the run's RunContext, rebuilt by :meth:`reset`.
 
-    def __init__(self, cfg: ExperimentConfig, plan: PrivacyPlan, data: Packed, device: str, threads: int):
+    An actor outlives runs: the pool (:mod:`.pool`) starts it once and calls ``reset`` at the
+    start of every run. The dataset is fetched from the object store once per actor (by key) and
+    kept; ``reset`` only rebuilds the cheap parts (partition, model, buffers).
+    """
+
+    def __init__(self, device: str, threads: int):
         torch.set_num_threads(max(1, threads))
         warnings.filterwarnings("ignore", message=_NOT_WRITABLE)
         self.device = torch.device(device)
-        self.ctx = build_context(cfg, self.device, data=dataset_from_numpy(data), plan=plan)
+        self.ctx = None
+        self._data_key: str | None = None
+        self._data: Dataset | None = None
+        self.resets = 0
 
-    def ready(self) -> tuple[int, str]:
-        """(process id, actor id): the engine matches lost-actor errors to actors by this id."""
-        return os.getpid(), ray.get_runtime_context().get_actor_id()
+    def reset(self, cfg: ExperimentConfig, plan: PrivacyPlan, data_key: str, data_box: list) -> tuple[int, str, str]:
+        """Prepare for a new run of ``cfg``. ``data_box``: [ObjectRef of the packed dataset],
+        boxed so that Ray does not fetch it unless this actor lacks ``data_key``."""
+        if self._data_key != data_key or self._data is None:
+            self._data = None  # the old dataset's buffers go before the new one arrives
+            self._data = dataset_from_numpy(ray.get(data_box[0])).to(self.device)
+            self._data_key = data_key
+        self.ctx = build_context(cfg, self.device, data=self._data, plan=plan)
+        self.resets += 1
+        return self.ready()
+
+    def ready(self) -> tuple[int, str, str]:
+        """(process id, actor id, node id): the engine matches lost-actor errors to actors by
+        the actor id; the node id says where the actor runs."""
+        ctx = ray.get_runtime_context()
+        return os.getpid(), ctx.get_actor_id(), ctx.get_node_id()
 
     def memory(self) -> dict[str, float]:
-        return {"pid": os.getpid(), **memory_info()}
+        return {"pid": os.getpid(), "resets": self.resets, **memory_info()}
 
 
 @ray.remote
 class HonestWorkers(_Role):
     """Step 2 of Algorithm 1 for a contiguous range of honest worker ids, batched in one pass."""
 
-    def __init__(self, cfg, plan, data, device, threads, workers: list[int]):
-        super().__init__(cfg, plan, data, device, threads)
+    def __init__(self, device, threads, workers: list[int]):
+        super().__init__(device, threads)
         self.workers = list(workers)
 
     def round(self, theta: np.ndarray, prev: Packed | None, t: int) -> Packed:
-        """``prev``: this actor's output of step t - 1 (its momentum), None at the first step."""
+        """``prev``: this actor's output of step t - 1 (its momentum), None at the first step.
+
+        The [k, d] rows come back as one contiguous array each (``submit`` doubles as the
+        momentum buffer when momentum is on); Ray stores them once and same-node readers map them
+        without a copy."""
         mom = to_tensor(prev.get("momentum"), self.device) if prev else None
         out = worker_round(self.ctx, to_tensor(theta, self.device), mom, self.workers, t)
         return pack(sample=out.sample, submit=out.submit, momentum=out.momentum, loss=out.loss,
@@ -120,16 +143,13 @@ class ByzantineWorkers(_Role):
     """Step 3: the f colluding, omniscient Byzantine workers (ids h..n-1). They see every honest
     submission; label flippers instead train on flipped labels (with their own momentum)."""
 
-    def __init__(self, cfg, plan, data, device, threads):
-        super().__init__(cfg, plan, data, device, threads)
-        self.ids = list(range(cfg.n_honest, cfg.n_workers))
-
     def craft(self, t: int, theta: np.ndarray | None, prev: Packed | None, *honest: Packed) -> Packed:
         ctx = self.ctx
+        ids = list(range(ctx.cfg.n_honest, ctx.cfg.n_workers))
         flipped = None
         if ctx.label_flip:
             mom = to_tensor(prev.get("momentum"), self.device) if prev else None
-            flipped = worker_round(ctx, to_tensor(theta, self.device), mom, self.ids, t, flip=True)
+            flipped = worker_round(ctx, to_tensor(theta, self.device), mom, ids, t, flip=True)
         submit = _cat([h["submit"] for h in honest], self.device) if honest else torch.empty(0, ctx.d, device=self.device)
         vectors = byzantine_vectors(ctx, submit, t, flipped)
         return pack(vectors=vectors, momentum=flipped.momentum if flipped is not None else None)
@@ -137,7 +157,7 @@ class ByzantineWorkers(_Role):
 
 @ray.remote
 class ParameterServer(_Role):
-    """Step 4: R_t = GAR(honest + Byzantine vectors), theta_{t+1}; the step metrics; evaluation.
+    """Step 4 through :func:`tuneguard.training.server.server_step`, the step metrics, evaluation.
 
     ``prepare`` (honest outputs only: stacking, honest metrics) runs while the Byzantine actor
     crafts; ``update`` then needs only the GAR. ``update`` receives the honest outputs too and
@@ -146,31 +166,53 @@ class ParameterServer(_Role):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self._prepared: tuple[int, torch.Tensor, torch.Tensor, dict[str, float]] | None = None
+        self._prepared: tuple[int, WorkerOutput, HonestSummary, torch.Tensor] | None = None
+        self._stack: torch.Tensor | None = None
+
+    def reset(self, *args) -> tuple[int, str, str]:
+        self._prepared = None
+        return super().reset(*args)
 
     def prepare(self, t: int, *honest: Packed) -> int:
         self._prepared = (t, *self._honest(honest))
         return t
 
-    def _honest(self, honest: tuple[Packed, ...]) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-        dev = self.device
-        sample, submit, loss, grad_norm, clipped = (
-            _cat([p[k] for p in honest], dev) for k in ("sample", "submit", "loss", "grad_norm", "clipped_frac"))
-        mean = submit.mean(0)
-        return submit, mean, honest_metrics(sample, submit, loss, grad_norm, clipped, honest_mean=mean)
+    def _honest(self, honest: tuple[Packed, ...]) -> tuple[WorkerOutput, HonestSummary, torch.Tensor]:
+        """The honest outputs as one WorkerOutput whose ``submit`` rows are the first h rows of
+        an [n, d] buffer the Byzantine vectors then fill: one copy into the GAR's input, not two."""
+        ctx, dev = self.ctx, self.device
+        n, h = ctx.cfg.n_workers, ctx.cfg.n_honest
+        if self._stack is None or self._stack.shape != (n, ctx.d) or self._stack.device != dev:
+            self._stack = torch.empty(n, ctx.d, device=dev)
+        stack = self._stack
+        row = 0
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NOT_WRITABLE)
+            for p in honest:
+                k = p["submit"].shape[0]
+                stack[row:row + k].copy_(torch.from_numpy(p["submit"]))
+                row += k
+        assert row == h, (row, h)
+        sample, loss, grad_norm, clipped = (_cat([p[k] for p in honest], dev)
+                                            for k in ("sample", "loss", "grad_norm", "clipped_frac"))
+        out = WorkerOutput(sample, stack[:h], None, loss, grad_norm, clipped)
+        return out, honest_summary(out), stack
 
     @ray.method(num_returns=2)
     def update(self, t: int, theta: np.ndarray, byz: Packed | None, prepared: int | None,
                *honest: Packed) -> tuple[np.ndarray, dict[str, float]]:
         ctx, dev = self.ctx, self.device
         if prepared == t and self._prepared is not None and self._prepared[0] == t:
-            submit, mean, metrics = self._prepared[1:]
+            out, summary, stack = self._prepared[1:]
         else:
-            submit, mean, metrics = self._honest(honest)
+            out, summary, stack = self._honest(honest)
         self._prepared = None
-        vectors = submit if byz is None else torch.cat([submit, to_tensor(byz["vectors"], dev)])
-        new_theta, R = aggregate_and_update(ctx, to_tensor(theta, dev), vectors, t)
-        metrics = {**metrics, "gar_distance": gar_distance(R, mean), "param_norm": float(new_theta.norm())}
+        h = ctx.cfg.n_honest
+        if byz is not None and byz["vectors"].shape[0]:
+            stack[h:].copy_(to_tensor(byz["vectors"], dev))
+        else:
+            stack = stack[:h]
+        new_theta, metrics = server_step(ctx, to_tensor(theta, dev), out, None, t, summary=summary, stacked=stack)
         return new_theta.detach().cpu().numpy(), metrics
 
     def evaluate(self, theta: np.ndarray) -> tuple[float, float]:
@@ -182,4 +224,3 @@ def _cat(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_NOT_WRITABLE)
         return torch.cat([torch.from_numpy(a) for a in arrays]).to(device)
-

@@ -1,0 +1,191 @@
+"""What a tune job needs from every node of its Ray cluster, checked before any trial starts.
+
+Trials (and the actors they start) run on whichever node Ray picks, in processes that did not
+inherit the launching shell's environment when the cluster was started elsewhere (``ray start
+--head``). So a job:
+
+1. ships its settings: every ``TUNEGUARD_*`` and ``MLFLOW_*`` variable of the launching process
+   (directories made absolute) goes to every worker process as Ray's job-level
+   ``runtime_env["env_vars"]`` (:func:`job_env`);
+2. runs a pre-flight check (:func:`preflight`): one tiny Ray task pinned to each alive node
+   loads each dataset the space uses, as a trial there would, and checks that the MLflow store
+   is reachable (a SQLite file's folder exists and is writable there; a server answers). A node
+   that fails stops the job before any trial starts, with one error naming the node, what it
+   lacks and the fixes;
+3. or, with ``tune.ship_data`` (``--ship-data``), loads the data once in the launching process
+   and ships the arrays through Ray's object store (:func:`ship_datasets`): trials never read
+   the disk, which is what clusters without a shared filesystem need.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIXES = ("TUNEGUARD_", "MLFLOW_")
+_DIR_VARS = ("TUNEGUARD_DATA_DIR", "TUNEGUARD_HOME")
+
+
+class PreflightError(RuntimeError):
+    """A node of the cluster cannot run the job's trials; the message says which and why."""
+
+
+def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The settings every trial and actor process gets: this process's ``TUNEGUARD_*`` and
+    ``MLFLOW_*`` variables (``TUNEGUARD_DATA_DIR`` / ``TUNEGUARD_HOME`` made absolute), plus
+    ``extra``."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(ENV_PREFIXES)}
+    for k in _DIR_VARS:
+        if env.get(k):
+            env[k] = str(Path(env[k]).expanduser().resolve())
+    env.update(extra or {})
+    return env
+
+
+def data_key(dataset: str, data_dir: str | None) -> str:
+    """How a shipped dataset is looked up: by name and the config's ``data_dir``."""
+    return f"{dataset}|{data_dir or ''}"
+
+
+def datasets_of(space) -> list[tuple[str, str | None]]:
+    """(dataset, data_dir) pairs the space's trials may load: the base's, and every value of a
+    searched ``dataset`` / ``data_dir``."""
+    from tuneguard.config import ExperimentConfig
+
+    base = space.base_raw()
+    names = {base.get("dataset", ExperimentConfig.model_fields["dataset"].default)}
+    dirs = {base.get("data_dir")}
+    for grid in space.grids:
+        for p in grid:
+            if p.path == "dataset" and p.kind in ("choice", "const"):
+                names.update(p.values)
+            if p.path == "data_dir" and p.kind in ("choice", "const"):
+                dirs.update(p.values)
+    return sorted(((str(n), d) for n in names for d in dirs), key=lambda x: (x[0], x[1] or ""))
+
+
+# Data shipping ----------------------------------------------------------------------------------
+def ship_datasets(pairs: list[tuple[str, str | None]]) -> dict[str, Any]:
+    """Load each dataset here and put it in the object store once: {data_key: ObjectRef}."""
+    import ray
+
+    from tuneguard.data import load_dataset
+    from tuneguard.training.actors.remote import dataset_to_numpy
+
+    return {data_key(name, d): ray.put(dataset_to_numpy(load_dataset(name, d))) for name, d in pairs}
+
+
+# Pre-flight -----------------------------------------------------------------------------------
+@dataclass
+class NodeReport:
+    node_id: str
+    address: str
+    problems: list[str] = field(default_factory=list)
+    checked: list[str] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"node {self.address} (id {self.node_id[:12]})"
+
+
+def _check_node(pairs: list[tuple[str, str | None]], tracking_uri: str) -> dict[str, Any]:
+    """Runs on one node: what a trial there would load and where it would log."""
+    import ray
+
+    problems, checked = [], []
+    for name, d in pairs:
+        try:
+            from tuneguard.data import load_dataset, resolve_data_dir
+
+            root = resolve_data_dir(d)[0]
+            load_dataset(name, d)
+            checked.append(f"{name} under {root}")
+        except Exception as err:  # noqa: BLE001 - reported, with its text, to the launcher
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            problems.append(f"dataset {name!r} cannot be loaded there: {first}")
+    problem = store_problem(tracking_uri)
+    if problem:
+        problems.append(problem)
+    else:
+        checked.append(f"MLflow store {_safe_uri(tracking_uri)}")
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "problems": problems, "checked": checked}
+
+
+def store_problem(tracking_uri: str, timeout_s: float = 5.0) -> str | None:
+    """Why this process could not log to ``tracking_uri`` (None when it can)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if tracking_uri.startswith("sqlite:///"):
+        path = Path(tracking_uri.removeprefix("sqlite:///"))
+        folder = path.parent
+        if not folder.is_dir():
+            return (f"the MLflow store {tracking_uri} is a SQLite file in {folder}, which does not exist there "
+                    "(a SQLite store works only where every node sees that path: use a shared folder or an "
+                    "MLflow server, --tracking-uri http://HOST:PORT)")
+        if not os.access(folder, os.W_OK):
+            return f"the MLflow store's folder {folder} is not writable there"
+        return None
+    if tracking_uri.startswith(("http://", "https://")):
+        u = urlparse(tracking_uri)
+        port = u.port or (443 if u.scheme == "https" else 80)
+        try:
+            with socket.create_connection((u.hostname or "localhost", port), timeout=timeout_s):
+                return None
+        except OSError as err:
+            return f"the MLflow server {_safe_uri(tracking_uri)} does not answer from there ({err})"
+    return None
+
+
+def _safe_uri(uri: str) -> str:
+    """``uri`` without credentials."""
+    from urllib.parse import urlparse
+
+    u = urlparse(uri)
+    if u.password or u.username:
+        host = u.hostname or ""
+        netloc = f"***@{host}" + (f":{u.port}" if u.port else "")
+        return u._replace(netloc=netloc).geturl()
+    return uri
+
+
+def preflight(pairs: list[tuple[str, str | None]], tracking_uri: str, *, timeout_s: float = 180.0) -> list[NodeReport]:
+    """Check every alive node (one task each, pinned there, no CPU reserved); raise
+    :class:`PreflightError` naming each node that cannot run trials. ``pairs``: the datasets to
+    load ((name, data_dir); none when the data is shipped)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    check = ray.remote(num_cpus=0, max_retries=0)(_check_node)
+    refs = {n["NodeID"]: check.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(pairs, tracking_uri) for n in nodes}
+    reports = []
+    for n in nodes:
+        rep = NodeReport(n["NodeID"], n.get("NodeManagerAddress", "?"))
+        try:
+            out = ray.get(refs[n["NodeID"]], timeout=timeout_s)
+            rep.problems, rep.checked = out["problems"], out["checked"]
+        except Exception as err:  # noqa: BLE001
+            first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            rep.problems.append(f"the check could not run there: {first}")
+        reports.append(rep)
+    bad = [r for r in reports if r.problems]
+    if bad:
+        lines = [f"pre-flight: {len(bad)} of {len(reports)} node(s) of the Ray cluster cannot run this job's trials; "
+                 "nothing was started."]
+        for r in bad:
+            lines += [f"  {r.label}:"] + [f"    - {p}" for p in r.problems]
+        lines += [
+            "Fix one of:",
+            "  - put the data at the same path on every node (a shared filesystem), or point every node at its "
+            "copy: --data-dir PATH (or base.data_dir / TUNEGUARD_DATA_DIR, shipped to the trials);",
+            "  - let tuneguard ship the arrays through Ray's object store: --ship-data (tune.ship_data: true); "
+            "trials then never read the disk;",
+            "  - for the MLflow store, a path every node sees or an MLflow server (--tracking-uri http://HOST:PORT).",
+        ]
+        raise PreflightError("\n".join(lines))
+    return reports
