@@ -18,6 +18,20 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 STOP_SIGNALS = tuple(s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)) if s)
+# handlers of the active context: ray.init installs its own SIGTERM handler (Ray's C++ failure
+# handler, which aborts the process), so they are put back after Ray starts (:func:`reassert`).
+_ACTIVE: dict[int, object] = {}
+
+
+def reassert() -> None:
+    """Re-install the active handlers where something (ray.init) replaced them; main thread only."""
+    import threading
+
+    if not _ACTIVE or threading.current_thread() is not threading.main_thread():
+        return
+    for s, h in list(_ACTIVE.items()):
+        if signal.getsignal(s) is not h:
+            signal.signal(s, h)
 
 
 class Terminated(KeyboardInterrupt):
@@ -41,9 +55,12 @@ def stop_on_signals() -> Iterator[None]:
 
     sigs = (signal.SIGINT, *STOP_SIGNALS)
     previous = {s: signal.signal(s, handler) for s in sigs}
+    _ACTIVE.update({s: handler for s in sigs})
     try:
         yield
     finally:
+        for s in sigs:
+            _ACTIVE.pop(s, None)
         for s, h in previous.items():
             signal.signal(s, h)
 
@@ -61,8 +78,11 @@ def forward_as_sigint() -> Iterator[None]:
         raise Terminated(signum)
 
     previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    _ACTIVE.update({s: handler for s in STOP_SIGNALS})
     try:
         yield
     finally:
+        for s in STOP_SIGNALS:
+            _ACTIVE.pop(s, None)
         for s, h in previous.items():
             signal.signal(s, h)

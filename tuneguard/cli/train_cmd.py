@@ -111,8 +111,10 @@ def _run(cfg, tracking_uri, track: bool, quiet: bool):
 
     from tuneguard.training import train as train_run
 
-    if quiet:
-        return train_run(cfg, tracking_uri=tracking_uri, track=track)
+    from tuneguard.cli.signals import reassert
+
+    if quiet:  # reassert: the actors engine starts Ray, which replaces the SIGTERM handler
+        return train_run(cfg, tracking_uri=tracking_uri, track=track, callback=lambda m: reassert())
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -124,6 +126,7 @@ def _run(cfg, tracking_uri, track: bool, quiet: bool):
             info = (f"loss {m['train_loss']:.3f}  acc {state['acc']:.3f}  "
                     f"VN {m['vn_submit']:.3g} (bound {m.get('vn_bound', float('nan')):.3g})")
             progress.update(task, completed=m["step"], info=info)
+            reassert()
 
         return train_run(cfg, tracking_uri=tracking_uri, track=track, callback=on_step)
 

@@ -28,6 +28,11 @@ _DRIVER: dict[str, Any] = {}
 def configure(*, console=None, enabled: bool = True, concurrency: int | None = None) -> None:
     """Driver-process settings the (possibly unpickled) callbacks read in ``setup``."""
     _DRIVER.update(console=console, enabled=enabled, concurrency=concurrency, complete=None, trial_ids=None)
+    # Ray is up by now and has put its own SIGTERM handler in place: restore the CLI's (SIGTERM
+    # stops the job like Ctrl-C, see tuneguard/cli/signals.py).
+    from tuneguard.cli.signals import reassert
+
+    reassert()
 
 
 def job_completed() -> bool | None:
