@@ -184,3 +184,102 @@ def test_json_output_is_strict(data_dir):
 def test_yaml_errors_are_value_errors():
     with pytest.raises(YamlError, match="recursive"):
         loads("a: &x [*x]\n")
+
+
+# --- security -----------------------------------------------------------------------------------
+def test_experiment_name_cannot_steer_artifact_paths(tmp_path, data_dir):
+    """`--set name=../../x` must not write outside $TUNEGUARD_HOME (the path-escape test)."""
+    home = tmp_path / "deep" / "er" / "home"
+    res = cli("train", CONFIG, "--set", "name=../../escaped", "--set", "steps=2", "--set", "eval_every=2",
+              "--set", "n_workers=5", "--set", "f=1", "--set", "gar=median", "--set", "batch_size=8",
+              env={"TUNEGUARD_HOME": str(home), "MLFLOW_TRACKING_URI": ""})
+    assert res.returncode == 0, res.stderr
+    outside = [p for p in tmp_path.rglob("*") if home not in p.parents and p != home and p not in home.parents]
+    assert outside == [], outside
+    from mlflow import MlflowClient
+
+    exp = MlflowClient(f"sqlite:///{home / 'mlflow.db'}").get_experiment_by_name("../../escaped")
+    assert exp is not None
+    root = (home / "artifacts").resolve()
+    assert Path(exp.artifact_location.removeprefix("file://")).resolve().parent == root
+    assert any((home / "artifacts").rglob("config.yaml"))
+
+
+def test_credentials_in_tracking_uri_are_masked():
+    from tuneguard.tracking import mask_uri
+
+    assert mask_uri("http://alice:s3cret@mlflow.example:5000") == "http://alice:***@mlflow.example:5000"
+    assert mask_uri("https://tok123@host/x") == "https://***@host/x"
+    assert mask_uri("sqlite:////tmp/a.db") == "sqlite:////tmp/a.db"
+    res = cli("train", CONFIG, "--set", "steps=1", "--tracking-uri", "http://alice:s3cret@127.0.0.1:1")
+    assert_clear_error(res, "alice:***@127.0.0.1:1")
+    assert "s3cret" not in res.stdout + res.stderr
+
+
+def test_resume_refuses_a_dir_tuneguard_did_not_write(tmp_path):
+    """A job dir whose tuner.pkl is not the one recorded in job.json is refused before
+    Tuner.restore can unpickle it."""
+    from tuneguard.tune.jobfile import job_digest
+
+    rdir = tmp_path / "job"
+    (rdir / "tune").mkdir(parents=True)
+    (rdir / "space.yaml").write_text("base: {dataset: mnist, steps: 2}\nsearch: {lr: [0.1, 0.2]}\n")
+    (rdir / "tune" / "tuner.pkl").write_bytes(b"written by tuneguard")
+    job = {"job_id": "j1", "results_dir": str(rdir), "tracking_uri": f"sqlite:///{tmp_path / 'm.db'}",
+           "experiment": "x", "parent_run_id": "r", "study_name": "j1", "space_path": None, "created": 1.0,
+           "checkpoint_every": 1, "total_trials": 2, "digest": job_digest(rdir)}
+    (rdir / "job.json").write_text(json.dumps(job))
+    (rdir / "tune" / "tuner.pkl").write_bytes(b"cos\nsystem\n(S'echo pwned'\ntR.")  # swapped in
+    res = cli("tune", "--resume", str(rdir))
+    assert_clear_error(res, "do not match the digest", "trusted code")
+    job.pop("digest")
+    (rdir / "job.json").write_text(json.dumps(job))
+    res = cli("tune", "--resume", str(rdir))
+    assert_clear_error(res, "records no digest")
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def test_ui_sigint_during_startup_stops_the_whole_server_group(tmp_path, tracking_uri):
+    """Ctrl-C in the seconds before the URL appears: no mlflow server or uvicorn is left behind."""
+    import signal
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "ui.log"
+    env = {**os.environ, "TUNEGUARD_HOME": str(tmp_path / "home")}
+    proc = subprocess.Popen([sys.executable, "-m", "tuneguard.cli", "ui", "--tracking-uri", tracking_uri,
+                             "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env)
+    server_log = tmp_path / "home" / "ui.log"
+    deadline = time.monotonic() + 60
+    pgid = None
+    while time.monotonic() < deadline and pgid is None:  # the server process exists, not yet ready
+        for d in Path("/proc").iterdir():
+            if d.name.isdigit():
+                try:
+                    cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    stat = (d / "stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if "server" in cmd and f"--port {port}" in cmd and int(stat[1]) != proc.pid:
+                    pgid = int(stat[2])  # its own process group
+                    break
+        time.sleep(0.1)
+    assert pgid is not None, "mlflow server did not start"
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=60)
+    assert "Traceback" not in out, out
+    assert "MLflow UI for" not in out  # stopped before it was ready
+    deadline = time.monotonic() + 20
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _group_alive(pgid), f"processes of group {pgid} left running; log: {server_log}"
