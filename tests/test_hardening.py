@@ -254,7 +254,6 @@ def test_ui_sigint_during_startup_stops_the_whole_server_group(tmp_path, trackin
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    log = tmp_path / "ui.log"
     env = {**os.environ, "TUNEGUARD_HOME": str(tmp_path / "home")}
     proc = subprocess.Popen([sys.executable, "-m", "tuneguard.cli", "ui", "--tracking-uri", tracking_uri,
                              "--port", str(port)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,

@@ -183,7 +183,7 @@ def test_three_trains_on_a_fresh_store(tmp_path, data_dir):
                               env=_env(tmp_path))
              for i in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]
-    for p, (out, err) in zip(procs, outs, strict=True):
+    for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
         assert "already exists" not in err
     runs = _runs(uri, name)

@@ -109,9 +109,8 @@ def _run(cfg, tracking_uri, track: bool, quiet: bool):
         TimeRemainingColumn,
     )
 
-    from tuneguard.training import train as train_run
-
     from tuneguard.cli.signals import reassert
+    from tuneguard.training import train as train_run
 
     if quiet:  # reassert: the actors engine starts Ray, which replaces the SIGTERM handler
         return train_run(cfg, tracking_uri=tracking_uri, track=track, callback=lambda m: reassert())

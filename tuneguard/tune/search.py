@@ -386,9 +386,7 @@ def resume_job(
     if not Tuner.can_restore(str(rdir / TUNE_DIR)):
         raise ResumeError(f"{rdir / TUNE_DIR} holds no Tune experiment state (the job stopped before its first "
                           "trial started); start the job again with `tuneguard tune SPACE.yaml`")
-    from tuneguard.tracking import client
-
-    from tuneguard.tracking import mask_uri
+    from tuneguard.tracking import client, mask_uri
     from tuneguard.tune.jobfile import close_stale_runs
 
     try:
