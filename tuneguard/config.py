@@ -13,11 +13,16 @@ Short names for ``--set`` (they work whatever the nesting): see :data:`SHORT_NAM
 from __future__ import annotations
 
 import copy
+import math
+import re
+import unicodedata
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tuneguard.safeyaml import YamlError, short
 
 # Training-set sizes before any partition: the 001 preprocessing doubles Fashion-MNIST's train
 # set with horizontally flipped images.
@@ -28,8 +33,33 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the field, the value and what is allowed."""
 
 
+# Hard bounds: far beyond any sensible run, short of "trains forever" or "allocates the world".
+MAX_STEPS = 10_000_000
+MAX_WORKERS = 100_000
+MAX_BATCH = 10_000_000
+MAX_SEED = 2**63 - 1
+MAX_NAME_LEN = 250
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]{1,3})?)$")
+
+
+def check_text(value: str, field: str, *, max_len: int = MAX_NAME_LEN) -> str:
+    """Refuse control and invisible formatting characters (NUL, newlines, bidi overrides such as
+    U+202E) in names and paths: they hide what a name really is in tables, logs and paths."""
+    if len(value) > max_len:
+        raise ValueError(f"{field} is {len(value)} characters long; at most {max_len} allowed")
+    for i, ch in enumerate(value):
+        if unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
+            raise ValueError(
+                f"{field} contains the control/format character U+{ord(ch):04X} at position {i}; "
+                "names and paths may hold printable characters only"
+            )
+    return value
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: numbers must be numbers and booleans booleans (YAML `true` is not 1, "5" is not 5;
+    # an int is accepted where a float is expected); allow_inf_nan=False: .inf / .nan refused.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True, allow_inf_nan=False)
 
 
 class RuleConfig(_Strict):
@@ -42,6 +72,19 @@ class RuleConfig(_Strict):
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("name")
+    @classmethod
+    def _name_text(cls, v: str) -> str:
+        return check_text(v, "name")
+
+    @field_validator("params")
+    @classmethod
+    def _finite_params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        for k, x in v.items():
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"parameter {k!r} must be finite; got {x}")
+        return v
 
 
 class PrivacyConfig(_Strict):
@@ -111,13 +154,18 @@ class ActorsConfig(_Strict):
         None, ge=1, description="honest workers computed by one actor; None: chosen for the machine"
     )
     cpus_per_actor: float | None = Field(
-        None, gt=0, description="fractional CPUs each actor reserves; None: 0.25 outside Tune, and in a tune job "
-        "an equal share of tune.cpus_per_trial for the trainable and each actor")
-    step_timeout_s: float = Field(120.0, gt=0, description="seconds a step may take before it is retried")
-    max_restarts: int = Field(2, ge=0, description="times a dead worker actor is restarted")
+        None, gt=0, le=1024, description="fractional CPUs each actor reserves; None: 0.25 outside Tune, and in a "
+        "tune job an equal share of tune.cpus_per_trial for the trainable and each actor")
+    step_timeout_s: float = Field(120.0, gt=0, le=86_400, description="seconds a step may take before it is retried")
+    max_restarts: int = Field(2, ge=0, le=1000, description="times a dead worker actor is restarted")
     address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS, else a private local cluster")
     placement: Literal["pack", "spread"] = Field(
         "pack", description="where a run's actors go: pack (as few nodes as possible) or spread (over the nodes)")
+
+    @field_validator("address")
+    @classmethod
+    def _address_text(cls, v: str | None) -> str | None:
+        return None if v is None else check_text(v, "actors.address", max_len=1000)
 
 
 class ExperimentConfig(_Strict):
@@ -127,12 +175,12 @@ class ExperimentConfig(_Strict):
     dataset: Literal["mnist", "fashion_mnist"] = "fashion_mnist"
     data_dir: str | None = Field(None, description="torchvision root; else TUNEGUARD_DATA_DIR, else a cache dir")
     model: Literal["mlp_001", "mlp_003", "logreg", "cnn"] = "mlp_001"
-    n_workers: int = Field(15, ge=1, description="n: all workers, honest and Byzantine")
+    n_workers: int = Field(15, ge=1, le=MAX_WORKERS, description="n: all workers, honest and Byzantine")
     f: int = Field(3, ge=0, description="number of Byzantine workers")
     attack: RuleConfig = Field(default_factory=lambda: RuleConfig(name="little"))
     gar: RuleConfig = Field(default_factory=lambda: RuleConfig(name="mda"))
-    batch_size: int = Field(25, ge=1, description="b: examples per honest worker per step")
-    steps: int = Field(300, ge=1, description="training steps T (the cap when the budget adapts T)")
+    batch_size: int = Field(25, ge=1, le=MAX_BATCH, description="b: examples per honest worker per step")
+    steps: int = Field(300, ge=1, le=MAX_STEPS, description="training steps T (the cap when the budget adapts T)")
     lr: float = Field(0.5, gt=0)
     momentum: float = Field(0.99, ge=0, lt=1, description="worker momentum beta")
     dampening: float = Field(0.0, ge=0, le=1, description="m_t = beta m_{t-1} + (1 - dampening) g_t")
@@ -141,9 +189,9 @@ class ExperimentConfig(_Strict):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     perturbation: float = Field(0.0, ge=0, description="003: std b of N(0, b^2) added to each local gradient")
     partition: PartitionConfig = Field(default_factory=PartitionConfig)
-    eval_every: int = Field(10, ge=1, description="test-set evaluation period, in steps")
-    seed: int = 1
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    eval_every: int = Field(10, ge=1, le=MAX_STEPS, description="test-set evaluation period, in steps")
+    seed: int = Field(1, ge=0, le=MAX_SEED)
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     engine: Literal["local", "actors"] = "local"
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
 
@@ -152,6 +200,26 @@ class ExperimentConfig(_Strict):
     def _clip_positive(cls, v: float | None) -> float | None:
         if v is not None and not v > 0:
             raise ValueError(f"clip must be > 0 (or null for no clipping); got {v}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _name_text(cls, v: str) -> str:
+        check_text(v, "name")
+        if not v.strip():
+            raise ValueError("name must not be empty (it names the MLflow experiment)")
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _data_dir_text(cls, v: str | None) -> str | None:
+        return None if v is None else check_text(v, "data_dir", max_len=4096)
+
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, v: str) -> str:
+        if not DEVICE_RE.match(v):
+            raise ValueError(f"device {short(v, 60)} is not a device; allowed: auto, cpu, cuda, cuda:N, mps")
         return v
 
     @model_validator(mode="after")
@@ -170,13 +238,28 @@ class ExperimentConfig(_Strict):
             if self.batch_size > m:
                 raise ValueError(f"batch_size={self.batch_size} exceeds the {m} examples each worker holds")
         self._check_registries()
+        self._check_memory()
         return self
+
+    def _check_memory(self) -> None:
+        need = estimate_memory(self)
+        total = physical_memory()
+        if total and need > 0.8 * total:
+            raise ValueError(
+                f"n_workers={self.n_workers}, batch_size={self.batch_size} with model {self.model!r} needs about "
+                f"{_gib(need)} of memory for the workers' vectors and batches, more than 80% of this machine's "
+                f"{_gib(total)}; use fewer workers or a smaller batch"
+            )
 
     def _check_registries(self) -> None:
         from tuneguard.aggregators import check_rule
         from tuneguard.attacks import ATTACKS
 
-        check_rule(self.gar.name, self.n_workers, self.f, **self.gar.params)
+        try:
+            check_rule(self.gar.name, self.n_workers, self.f, **self.gar.params)
+        except TypeError as err:  # a parameter of the wrong type reached a comparison
+            raise ValueError(f"gar {self.gar.name!r}: a parameter has the wrong type ({err}); "
+                             f"given params: {short(self.gar.params)}") from None
         if self.attack.name != "none" and self.attack.name not in ATTACKS:
             raise ValueError(
                 f"unknown attack {self.attack.name!r}; valid: none, {', '.join(sorted(ATTACKS))}"
@@ -187,8 +270,15 @@ class ExperimentConfig(_Strict):
             if unknown:
                 raise ValueError(
                     f"attack {self.attack.name!r} takes parameters {sorted(spec.params) or 'none'}; "
-                    f"unknown: {sorted(unknown)}"
+                    f"unknown: {short(sorted(unknown))}"
                 )
+            for key, value in self.attack.params.items():
+                _check_param_type(f"attack.params.{key}", value, spec.params[key])
+            try:
+                spec.check(self.n_honest, self.f, **self.attack.params)
+            except TypeError as err:
+                raise ValueError(f"attack {self.attack.name!r}: a parameter has the wrong type ({err}); "
+                                 f"given params: {short(self.attack.params)}") from None
 
     # Derived quantities --------------------------------------------------------------------
     @property
@@ -196,10 +286,13 @@ class ExperimentConfig(_Strict):
         return self.n_workers - self.f
 
     def resolved_device(self) -> str:
+        """The torch device this process trains on; ConfigError when ``device`` names one this
+        machine does not have."""
         import torch
 
         if self.device == "auto":
             return "cuda" if torch.cuda.is_available() else "cpu"
+        check_device_available(self.device)
         return self.device
 
     def flat(self) -> dict[str, Any]:
@@ -208,6 +301,72 @@ class ExperimentConfig(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+_MODEL_SIZES = {"mlp_001": 79_510, "mlp_003": 101_770, "logreg": 7_850, "cnn": 5_994}
+
+
+def check_device_available(device: str) -> None:
+    """ConfigError unless this process can use ``device`` (cpu, cuda[:N], mps; auto always can)."""
+    import torch
+
+    if device.startswith("cuda"):
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.partition(":")[2] or 0)
+        if n == 0:
+            raise ConfigError(f"device={device!r} but this machine has no usable CUDA GPU "
+                              "(torch.cuda.is_available() is False); use device: auto or cpu")
+        if index >= n:
+            raise ConfigError(f"device={device!r} but this machine has {n} CUDA GPU(s) (cuda:0..cuda:{n - 1})")
+    elif device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device='mps' but Apple's MPS backend is not available here; use device: auto or cpu")
+
+
+def estimate_memory(cfg: ExperimentConfig) -> int:
+    """Bytes a run needs beyond the dataset, roughly: per worker a few float32 vectors of the
+    model's size d (gradient, momentum, submission, the GAR's copy) and its batch; the GAR's
+    pairwise distances (n x n) for distance-based rules."""
+    d = _MODEL_SIZES.get(cfg.model, 100_000)
+    n = cfg.n_workers
+    vectors = 4 * n * d * 4
+    batches = 4 * n * cfg.batch_size * 784 * 2
+    pairwise = 8 * n * n
+    return vectors + batches + pairwise
+
+
+def physical_memory() -> int | None:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def _check_param_type(field: str, value: Any, default: Any) -> None:
+    """A rule parameter must have the type of its default (numbers: a real, finite number)."""
+    if default is None:
+        return
+    if isinstance(default, bool):
+        ok = isinstance(value, bool)
+        want = "true or false"
+    elif isinstance(default, int):
+        ok = isinstance(value, int) and not isinstance(value, bool)
+        want = "an integer"
+    elif isinstance(default, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        want = "a finite number"
+    elif isinstance(default, str):
+        ok = isinstance(value, str)
+        want = "a string"
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{field} must be {want} (default {default!r}); got {short(value, 80)}")
 
 
 # Short names for --set: they work whatever the nesting.
@@ -232,11 +391,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _parse_value(text: str) -> Any:
-    """YAML scalar parsing, so ``--set clip=null`` and ``--set lr=0.1`` get their types."""
+    """YAML scalar parsing, so ``--set clip=null``, ``--set lr=0.1`` and ``--set lr=1e-3`` get
+    their types (see :mod:`tuneguard.safeyaml`: ``1e30`` is a float, as users write it)."""
+    from tuneguard.safeyaml import scalar
+
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
+        return scalar(text)
+    except YamlError as err:
+        raise ConfigError(str(err)) from None
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) -> dict[str, Any]:
@@ -244,14 +406,27 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any] | list[str]) 
     out = copy.deepcopy(raw)
     items = overrides.items() if isinstance(overrides, dict) else (_split(o) for o in overrides)
     for key, value in items:
+        if not isinstance(key, str) or not key or any(not p for p in key.split(".")):
+            raise ConfigError(f"--set: {short(key, 80)} is not a config key (dotted path like privacy.eps or a short "
+                              f"name: {', '.join(SHORT_NAMES)})")
+        try:
+            check_text(key, "--set key")
+        except ValueError as err:
+            raise ConfigError(f"--set: {err}") from None
         path = SHORT_NAMES.get(key, key).split(".")
         node = out
-        for part in path[:-1]:
+        for i, part in enumerate(path[:-1]):
             child = node.get(part)
             if isinstance(child, str) and part in ("gar", "attack", "partition"):
                 child = {"kind" if part == "partition" else "name": child}
             if child is None:
-                child = {}
+                # --set attack.params.zeta=2 on a config that names no attack: the default rule's
+                default = ExperimentConfig.model_fields.get(part) if i == 0 else None
+                child = {"name": default.get_default(call_default_factory=True).name} \
+                    if default is not None and part in ("gar", "attack") else {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"--set {key}: {where} is a value ({short(child, 60)}), it has no key {path[i + 1]!r}")
             node[part] = child
             node = child
         node[path[-1]] = value
@@ -262,7 +437,10 @@ def _split(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"--set expects key=value; got {item!r}")
     key, _, value = item.partition("=")
-    return key.strip(), _parse_value(value.strip())
+    try:
+        return key.strip(), _parse_value(value.strip())
+    except ConfigError as err:
+        raise ConfigError(f"--set {short(key.strip(), 60)}: {err}") from None
 
 
 def _format_error(err: ValidationError) -> str:
@@ -277,9 +455,16 @@ def _format_error(err: ValidationError) -> str:
             if valid:
                 msg += f"; valid keys here: {', '.join(valid)}"
         elif "input" in e and e["type"] != "value_error" and not isinstance(e["input"], dict):
-            msg += f" (got {e['input']!r})"
-        lines.append(f"{loc}: {msg}")
+            msg += f" (got {short(e['input'], 80)})"
+        lines.append(f"{short_loc(loc)}: {msg}")
+        if len(lines) >= 10:
+            lines.append(f"... and {len(err.errors()) - 10} more")
+            break
     return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def short_loc(loc: str, limit: int = 120) -> str:
+    return loc if len(loc) <= limit else loc[: limit - 3] + "..."
 
 
 def _valid_keys(path: tuple) -> list[str]:
@@ -293,26 +478,34 @@ def _valid_keys(path: tuple) -> list[str]:
     return sorted(model.model_fields)
 
 
-def build_config(raw: dict[str, Any] | None = None, overrides: dict[str, Any] | list[str] | None = None) -> ExperimentConfig:
-    """Validate a raw dict (+ overrides) into an :class:`ExperimentConfig`, or raise ConfigError."""
+def build_config(raw: dict[str, Any] | None = None, overrides: dict[str, Any] | list[str] | None = None,
+                 *, source: str | None = None) -> ExperimentConfig:
+    """Validate a raw dict (+ overrides) into an :class:`ExperimentConfig`, or raise ConfigError.
+    ``source`` (a file name) starts the error message."""
     data = apply_overrides(raw or {}, overrides or {})
+    head = f"{source}: invalid config" if source else "invalid config"
     try:
         return ExperimentConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
-    except ValueError as err:  # registry checks raise plain ValueErrors with full messages
-        raise ConfigError(f"invalid config: {err}") from None
+        raise ConfigError(head + _format_error(err).removeprefix("invalid config")) from None
+    except (ValueError, TypeError) as err:  # registry checks raise plain ValueErrors with full messages
+        raise ConfigError(f"{head}: {err}") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | dict[str, Any] | None = None) -> ExperimentConfig:
     """Load a YAML experiment config; see :func:`build_config`."""
+    from tuneguard.safeyaml import load_file
+
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    raw = yaml.safe_load(p.read_text()) or {}
+    try:
+        raw = load_file(p, "config file")
+    except YamlError as err:
+        raise ConfigError(str(err)) from None
+    if raw is None:
+        raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping of config keys, got {type(raw).__name__}")
+        raise ConfigError(f"{p}: expected a mapping of config keys (e.g. `lr: 0.5`), got a {type(raw).__name__}")
     # An exported file holds {config: {...}, score: ..., run_id: ...}; accept it as is.
     if "config" in raw and isinstance(raw["config"], dict) and "tuneguard_export" in raw:
         raw = raw["config"]
-    return build_config(raw, overrides)
+    return build_config(raw, overrides, source=str(p))

@@ -9,9 +9,11 @@ from __future__ import annotations
 import typer
 
 from . import export_cmd, list_cmd, privacy_cmd, report_cmd, train_cmd, tune_cmd, ui_cmd
+from .common import GuardedGroup
 
 app = typer.Typer(
     name="tuneguard",
+    cls=GuardedGroup,
     help="Search training settings that stay accurate under differential privacy and Byzantine attack.",
     no_args_is_help=True,
     add_completion=False,

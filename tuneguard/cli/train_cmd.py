@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from tuneguard.cli.common import console, fail, user_errors
+from tuneguard.cli.common import console, err_console, fail, strict_json, user_errors
 
 
 def train(
@@ -35,14 +34,43 @@ def train(
     if dry_run:
         _dry_run(cfg)
         return
-    result = user_errors(lambda: _run(cfg, tracking_uri, not no_track, quiet=as_json))
+    _preflight(cfg, tracking_uri, track=not no_track)
+    from tuneguard.cli.signals import Terminated, stop_on_signals
+
+    try:
+        with stop_on_signals():
+            result = user_errors(lambda: _run(cfg, tracking_uri, not no_track, quiet=as_json))
+    except KeyboardInterrupt as err:
+        name = err.args[0] if isinstance(err, Terminated) and err.args else "SIGINT"
+        code = 128 + (err.signum if isinstance(err, Terminated) else 2)
+        err_console.print(f"train stopped by {name}" + ("" if no_track else "; its MLflow run ended KILLED"),
+                          highlight=False)
+        raise typer.Exit(code) from None
     summary = result.summary()
     if as_json:
-        print(json.dumps(summary, default=str))
+        print(strict_json(summary))
     else:
         _print_summary(cfg, result, tracking_uri)
     if result.status in ("INFEASIBLE",):
         raise typer.Exit(3)
+
+
+def _preflight(cfg, tracking_uri: str | None, track: bool) -> None:
+    """What can be checked before a run starts: the device, the data dir, the MLflow store
+    (reachable within seconds, writable)."""
+    from pathlib import Path as _P
+
+    from tuneguard.config import check_device_available
+
+    if cfg.engine == "local" and cfg.device != "auto":
+        user_errors(lambda: check_device_available(cfg.device))
+    if cfg.data_dir is not None and not _P(cfg.data_dir).expanduser().is_dir():
+        fail(f"data_dir={cfg.data_dir!r} is not a directory; give the torchvision data root "
+             "(the folder holding MNIST/ or FashionMNIST/) with --data-dir, or set TUNEGUARD_DATA_DIR")
+    if track:
+        from tuneguard.tracking import resolve_tracking_uri
+
+        user_errors(lambda: resolve_tracking_uri(tracking_uri))
 
 
 def _dry_run(cfg) -> None:
@@ -54,6 +82,13 @@ def _dry_run(cfg) -> None:
         plan = plan_privacy(cfg, m) if cfg.partition.kind == "iid" else None
     except InfeasibleBudget as err:
         fail(f"infeasible privacy budget: {err}", code=3)
+    if cfg.device not in ("auto",):
+        from tuneguard.config import ConfigError, check_device_available
+
+        try:
+            check_device_available(cfg.device)
+        except ConfigError as err:
+            console.print(f"[yellow]note:[/] {err} (a run on this machine would stop here)", highlight=False)
     console.print("[green]config is valid[/]")
     console.print(cfg.to_yaml(), highlight=False)
     if plan is not None:
@@ -74,10 +109,11 @@ def _run(cfg, tracking_uri, track: bool, quiet: bool):
         TimeRemainingColumn,
     )
 
+    from tuneguard.cli.signals import reassert
     from tuneguard.training import train as train_run
 
-    if quiet:
-        return train_run(cfg, tracking_uri=tracking_uri, track=track)
+    if quiet:  # reassert: the actors engine starts Ray, which replaces the SIGTERM handler
+        return train_run(cfg, tracking_uri=tracking_uri, track=track, callback=lambda m: reassert())
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -89,6 +125,7 @@ def _run(cfg, tracking_uri, track: bool, quiet: bool):
             info = (f"loss {m['train_loss']:.3f}  acc {state['acc']:.3f}  "
                     f"VN {m['vn_submit']:.3g} (bound {m.get('vn_bound', float('nan')):.3g})")
             progress.update(task, completed=m["step"], info=info)
+            reassert()
 
         return train_run(cfg, tracking_uri=tracking_uri, track=track, callback=on_step)
 
@@ -109,9 +146,10 @@ def _print_summary(cfg, result, tracking_uri) -> None:
         table.add_row(k, str(v))
     console.print(table)
     if result.run_id:
-        from tuneguard.tracking import resolve_tracking_uri
+        from tuneguard.tracking import mask_uri, resolve_tracking_uri
 
-        console.print(f"browse: tuneguard ui --tracking-uri {resolve_tracking_uri(tracking_uri)}")
+        console.print(f"browse: tuneguard ui --tracking-uri {mask_uri(resolve_tracking_uri(tracking_uri))}",
+                      highlight=False, markup=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
-from tuneguard.cli.common import console, err_console, fail
+from tuneguard.cli.common import console, err_console, fail, strict_json
 
 
 def tune(
@@ -47,20 +46,23 @@ def tune(
     if (space is None) == (resume is None):
         fail("give a search space file, or --resume RESULTS_DIR (not both)")
     out = err_console if as_json else console
+    from tuneguard.cli.signals import forward_as_sigint
+
     try:
         if resume is not None:
             if set_ or data_dir or dry_run or results_dir or ship_data:
                 fail("--resume continues the job as it was: --set, --data-dir, --ship-data, --results-dir and "
                      "--dry-run do not apply")
-            out.print(f"resuming the tune job in [bold]{resume}[/]")
-            summary = resume_job(resume, tracking_uri=tracking_uri, address=address, concurrency=concurrency,
-                                 progress=not no_progress, console=out, num_cpus=num_cpus)
+            out.print(f"resuming the tune job in {resume}", highlight=False, markup=False)
+            with forward_as_sigint():
+                summary = resume_job(resume, tracking_uri=tracking_uri, address=address, concurrency=concurrency,
+                                     progress=not no_progress, console=out, num_cpus=num_cpus)
         else:
             overrides = (list(set_) + ([f"base.data_dir={data_dir}"] if data_dir else [])
                          + (["tune.ship_data=true"] if ship_data else []))
             sp = Space.load(space, overrides)
             report = sp.validate()
-            out.print(f"[bold]{space}[/]: " + (sp.raw.get("description") or ""), highlight=False)
+            out.print(f"{space}: " + (sp.raw.get("description") or ""), highlight=False, markup=False)
             for line in sp.describe():
                 out.print(f"  {line}", highlight=False, markup=False)
             for line in report.lines(sp.tune.mode):
@@ -68,26 +70,51 @@ def tune(
             if dry_run:
                 out.print("[green]the space is valid[/] (dry run: nothing started)")
                 return
-            summary = start_job(sp, tracking_uri=tracking_uri, results_dir=results_dir, address=address,
-                                concurrency=concurrency, progress=not no_progress, console=out, num_cpus=num_cpus)
+            from tuneguard.tracking import resolve_tracking_uri
+
+            resolve_tracking_uri(tracking_uri)  # fail within seconds on a store that cannot work
+            if results_dir is not None:
+                _check_results_dir(results_dir)
+            with forward_as_sigint():
+                summary = start_job(sp, tracking_uri=tracking_uri, results_dir=results_dir, address=address,
+                                    concurrency=concurrency, progress=not no_progress, console=out, num_cpus=num_cpus)
     except (ConfigError, ResumeError, RayConnectError, PreflightError) as err:
         fail(str(err))
     _print_summary(summary, out)
     if as_json:
         from dataclasses import asdict
 
-        print(json.dumps(asdict(summary), default=str))
+        from tuneguard.tracking import mask_uri
+
+        print(strict_json({**asdict(summary), "tracking_uri": mask_uri(summary.tracking_uri)}))
     if summary.interrupted:
         raise typer.Exit(130)
     if summary.failed:
         raise typer.Exit(1)
 
 
+def _check_results_dir(path: Path) -> None:
+    p = path.expanduser()
+    if p.exists() and not p.is_dir():
+        fail(f"--results-dir {p} is a file; give a folder (created if missing)")
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        fail(f"--results-dir {p}: {probe} is a file, so the folder cannot be created")
+    import os
+
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        fail(f"--results-dir {p}: {probe} is not writable")
+
+
 def _print_summary(s, out) -> None:
+    from tuneguard.tracking import mask_uri
+
     out.print()
     status = "[yellow]interrupted[/]" if s.interrupted else "[red]failed[/]" if s.failed else "[green]finished[/]"
     out.print(f"job [bold]{s.job_id}[/] {status} in {s.seconds:.0f} s: {s.completed}/{s.trials} trials completed"
-              + (f", {s.stopped} stopped early (ASHA)" if s.stopped else "")
+              + (f", {s.stopped} {_stopped_words(s)}" if s.stopped else "")
               + (f", {s.infeasible} infeasible" if s.infeasible else "")
               + (f", {s.excluded} excluded" if s.excluded else "")
               + (f", [red]{s.errored} failed[/]" if s.errored else ""), highlight=False)
@@ -105,8 +132,20 @@ def _print_summary(s, out) -> None:
     out.print(f"results: {s.results_dir}", highlight=False)
     if s.interrupted:
         out.print(f"continue:  tuneguard tune --resume {s.results_dir}", highlight=False)
-    out.print(f"browse:    tuneguard ui --tracking-uri {s.tracking_uri}", highlight=False)
-    out.print(f"export:    tuneguard export --job {s.job_id} --tracking-uri {s.tracking_uri} -o best.yaml", highlight=False)
+    uri = mask_uri(s.tracking_uri)
+    out.print(f"browse:    tuneguard ui --tracking-uri {uri}", highlight=False, markup=False)
+    out.print(f"export:    tuneguard export --job {s.job_id} --tracking-uri {uri} -o best.yaml", highlight=False,
+              markup=False)
+
+
+def _stopped_words(s) -> str:
+    """Trials that reported but did not finish: ASHA's early stops, or (no scheduler, or the job
+    was interrupted) trials cut short."""
+    if getattr(s, "scheduler", "none") == "asha" and not s.interrupted:
+        return "stopped early (ASHA)"
+    if getattr(s, "scheduler", "none") == "asha":
+        return "stopped early (ASHA) or cut by the interrupt"
+    return "unfinished (cut by the interrupt)" if s.interrupted else "unfinished"
 
 
 def register(app: typer.Typer) -> None:

@@ -4,37 +4,81 @@ from __future__ import annotations
 
 import typer
 
-from tuneguard.cli.common import console, fail
+from tuneguard.cli.common import console, err_console, fail
 
 
 def ui(
     tracking_uri: str = typer.Option(None, "--tracking-uri", help="SQLite store; default sqlite:///$TUNEGUARD_HOME/mlflow.db"),
-    host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (0.0.0.0 also needs MLflow's --allowed-hosts)"),
-    port: int = typer.Option(5000, "--port", help="port to listen on"),
-    workers: int = typer.Option(1, "--workers", "-w", min=1, help="uvicorn workers"),
+    host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on; 0.0.0.0 serves everyone who "
+                             "reaches the port (unauthenticated, writes included): see --allowed-hosts"),
+    port: int = typer.Option(5000, "--port", min=1, max=65535, help="port to listen on (1-65535)"),
+    workers: int = typer.Option(1, "--workers", "-w", min=1, max=64, help="uvicorn workers"),
+    allowed_hosts: str = typer.Option(None, "--allowed-hosts", help="comma-separated Host headers the server answers "
+                                      "(with a public --host; default: this machine's names and addresses)"),
+    cors_origins: str = typer.Option(None, "--cors-allowed-origins", help="comma-separated web origins allowed to "
+                                     "call the server (with a public --host; default: the URLs of --allowed-hosts)"),
 ) -> None:
     """Start the MLflow UI (lean: one worker, no job runner), print its URL, stop on Ctrl-C."""
-    from tuneguard.tracking import resolve_tracking_uri
-    from tuneguard.tune.ui import UIError, serve
+    from tuneguard.tracking import mask_uri, resolve_tracking_uri
+    from tuneguard.tune.ui import UIError, check_host_port, is_public, reachable_hosts, serve
 
+    try:
+        check_host_port(host, port)
+    except UIError as err:
+        fail(str(err))
     uri = resolve_tracking_uri(tracking_uri)
+    hosts = _split(allowed_hosts)
+    origins = _split(cors_origins)
+    public = is_public(host)
+    if public:
+        names = hosts or [h for h in reachable_hosts() if h] or [host]
+        hosts = hosts or [*names, "localhost", "127.0.0.1"]
+        hosts = [f"{h}:{port}" if ":" not in h and not h.startswith("[") else h for h in hosts] + \
+            [h for h in hosts if ":" not in h]
+        origins = origins or [f"http://{h}" for h in hosts if ":" in h and not h.startswith("[")]
+        err_console.print(
+            f"[bold yellow]warning:[/] --host {host} serves the MLflow UI and API to anyone who can reach port "
+            f"{port}, without authentication, writes included (runs can be changed or deleted). Allowed Host "
+            f"headers: {', '.join(hosts)}; CORS origins: {', '.join(origins)}. Use --host 127.0.0.1 (and an SSH "
+            "tunnel) unless this network is trusted.", highlight=False)
+    elif hosts or origins:
+        err_console.print("[yellow]note:[/] --allowed-hosts / --cors-allowed-origins matter only with a public --host",
+                          highlight=False)
 
     def ready(server) -> None:
-        console.print(f"MLflow UI for [bold]{uri}[/] at [bold cyan]{server.url}[/]  (Ctrl-C to stop; log: {server.log_path})",
-                      highlight=False)
-        for name, link in _job_links(uri, server.url):
-            console.print(f"  {name}: {link}", highlight=False)
+        url = server.url
+        if public:
+            names = [h for h in reachable_hosts() if h] or [host]
+            url = f"http://{names[-1]}:{port}"
+        console.print(f"MLflow UI for {mask_uri(uri)} at {url}  (Ctrl-C to stop; log: {server.log_path})",
+                      highlight=False, markup=False)
+        if public and url != server.url:
+            console.print(f"  on this machine: {server.url}", highlight=False, markup=False)
+        for name, link in _job_links(uri, url):
+            console.print(f"  {name}: {link}", highlight=False, markup=False)
         console.print("tip: open an experiment's Runs tab (or 'Model training' at the top left), filter with "
-                      "tags.`tuneguard.kind` = 'trial' and compare runs; see dashboards/README.md", highlight=False)
+                      "tags.`tuneguard.kind` = 'trial' and compare runs; see dashboards/README.md", highlight=False,
+                      markup=False)
         import sys
 
         sys.stdout.flush()
 
     try:
-        serve(uri, host=host, port=port, workers=workers, on_ready=ready)
+        serve(uri, host=host, port=port, workers=workers, on_ready=ready,
+              allowed_hosts=hosts if public else None, cors_origins=origins if public else None)
     except UIError as err:
         fail(str(err))
     console.print("MLflow UI stopped")
+
+
+def _split(text: str | None) -> list[str]:
+    if not text:
+        return []
+    out = [x.strip() for x in text.split(",") if x.strip()]
+    for x in out:
+        if any(c.isspace() or ord(c) < 32 for c in x):
+            fail(f"--allowed-hosts / --cors-allowed-origins: {x!r} contains spaces or control characters")
+    return out
 
 
 def _job_links(uri: str, url: str, limit: int = 5) -> list[tuple[str, str]]:

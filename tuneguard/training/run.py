@@ -72,21 +72,24 @@ def train(
 
     start = time.perf_counter()
     tracker = None
-    if track and resume and resume.get("run_id"):
-        from tuneguard.tracking import RunTracker
-
-        tracker = RunTracker(cfg.name, tracking_uri=tracking_uri, run_id=resume["run_id"])
-    elif track:
-        from tuneguard.tracking import RunTracker
-
-        tracker = RunTracker(
-            cfg.name, tracking_uri=tracking_uri, run_name=run_name, parent_run_id=parent_run_id,
-            tags={"tuneguard.kind": "train", "dataset": cfg.dataset, "attack": cfg.attack.name if cfg.f else "none",
-                  "gar": cfg.gar.name, "engine": cfg.engine, **(tags or {})},
-        )
-        tracker.log_params(cfg.flat())
-        tracker.log_text(cfg.to_yaml(), "config.yaml")
+    # Everything after the MLflow run exists is inside this try: an error (or Ctrl-C / SIGTERM,
+    # which the CLI turns into KeyboardInterrupt) at any point, logging params included, ends
+    # the run FAILED (KILLED), never leaving it RUNNING.
     try:
+        if track and resume and resume.get("run_id"):
+            from tuneguard.tracking import RunTracker
+
+            tracker = RunTracker(cfg.name, tracking_uri=tracking_uri, run_id=resume["run_id"])
+        elif track:
+            from tuneguard.tracking import RunTracker
+
+            tracker = RunTracker(
+                cfg.name, tracking_uri=tracking_uri, run_name=run_name, parent_run_id=parent_run_id,
+                tags={"tuneguard.kind": "train", "dataset": cfg.dataset, "attack": cfg.attack.name if cfg.f else "none",
+                      "gar": cfg.gar.name, "engine": cfg.engine, **(tags or {})},
+            )
+            tracker.log_params(cfg.flat())
+            tracker.log_text(cfg.to_yaml(), "config.yaml")
         try:
             own_engine = engine is None
             engine = engine or make_engine(cfg, worker_groups, data)
@@ -107,17 +110,17 @@ def train(
         finally:
             if own_engine:
                 engine.close()
-    except KeyboardInterrupt:
+        result.seconds = time.perf_counter() - start
         if tracker:
-            tracker.end("KILLED")
-        raise
-    except BaseException:
+            _finish_tracking(tracker, cfg, result, plots)
+    except KeyboardInterrupt as err:
         if tracker:
-            tracker.end("FAILED")
+            tracker.end_quietly("KILLED", f"interrupted ({type(err).__name__}: {err})" if str(err) else "interrupted")
         raise
-    result.seconds = time.perf_counter() - start
-    if tracker:
-        _finish_tracking(tracker, cfg, result, plots)
+    except BaseException as err:
+        if tracker:
+            tracker.end_quietly("FAILED", f"{type(err).__name__}: {err}")
+        raise
     return result
 
 

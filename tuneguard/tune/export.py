@@ -104,6 +104,24 @@ def run_config(client, run_id: str) -> dict[str, Any]:
     return build_config(raw).model_dump(mode="json")
 
 
+def check_output(out: Path) -> None:
+    """ExportError unless ``out`` can be written as a file: not a folder, its folder creatable and
+    writable (checked before the store is read, so a typo fails at once)."""
+    import os
+
+    if str(out) in ("", ".") or out.is_dir():
+        raise ExportError(f"-o {out} is a directory; give a file name, e.g. -o {Path(out) / 'best.yaml'}")
+    if out.exists() and not os.access(out, os.W_OK):
+        raise ExportError(f"-o {out}: the file exists and is not writable")
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ExportError(f"-o {out}: {probe} is a file, so {out.parent} cannot be created")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ExportError(f"-o {out}: the folder {probe} is not writable")
+
+
 def output_paths(out: Path, k: int) -> list[Path]:
     return [out if i == 1 else out.with_name(f"{out.stem}-{i}{out.suffix or '.yaml'}") for i in range(1, k + 1)]
 
@@ -112,11 +130,12 @@ def export(out: str | Path, *, tracking_uri: str | None = None, job: str | None 
            experiment: str | None = None, top: int = 1) -> list[Exported]:
     """Write the ``top`` best configs of a job; returns what was written."""
     from tuneguard.tracking import client as make_client
-    from tuneguard.tracking import resolve_tracking_uri
+    from tuneguard.tracking import mask_uri, resolve_tracking_uri
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if top < 1:
         raise ExportError(f"--top must be >= 1; got {top}")
+    check_output(Path(out))
     uri = resolve_tracking_uri(tracking_uri)
     cl = make_client(uri)
     parent = find_job(cl, job, experiment)
@@ -135,7 +154,7 @@ def export(out: str | Path, *, tracking_uri: str | None = None, job: str | None 
             "version": 1,
             "job": job_id,
             "experiment": cl.get_experiment(parent.info.experiment_id).name,
-            "tracking_uri": uri,
+            "tracking_uri": mask_uri(uri),  # never credentials in a file
             "rank": rank,
             "objective": tags.get("tuneguard.objective_name", "max_cross_accuracy"),
             "score": float(metrics["objective"]),
@@ -153,7 +172,12 @@ def export(out: str | Path, *, tracking_uri: str | None = None, job: str | None 
         }
         header = (f"# tuneguard export: rank {rank} of tune job {job_id} ({meta['objective']} = {meta['score']:.4f}).\n"
                   f"# `tuneguard train {path}` retrains run {run.info.run_id} with the same seed and numbers.\n")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(header + yaml.safe_dump({"tuneguard_export": meta, "config": cfg}, sort_keys=False))
+        try:
+            if path.is_dir():
+                raise ExportError(f"{path} is a directory; choose another -o")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(header + yaml.safe_dump({"tuneguard_export": meta, "config": cfg}, sort_keys=False))
+        except OSError as err:
+            raise ExportError(f"cannot write {path}: {err.strerror or err}") from None
         written.append(Exported(path, rank, meta["score"], run.info.run_id, trial_id, cfg))
     return written

@@ -28,6 +28,11 @@ _DRIVER: dict[str, Any] = {}
 def configure(*, console=None, enabled: bool = True, concurrency: int | None = None) -> None:
     """Driver-process settings the (possibly unpickled) callbacks read in ``setup``."""
     _DRIVER.update(console=console, enabled=enabled, concurrency=concurrency, complete=None, trial_ids=None)
+    # Ray is up by now and has put its own SIGTERM handler in place: restore the CLI's (SIGTERM
+    # stops the job like Ctrl-C, see tuneguard/cli/signals.py).
+    from tuneguard.cli.signals import reassert
+
+    reassert()
 
 
 def job_completed() -> bool | None:
@@ -150,7 +155,7 @@ class ProgressView(Callback):
             what = {"done": f"objective {float(r.get('objective', 0.0)):.4f}",
                     "infeasible": f"infeasible: {r.get('reason', '')}",
                     "excluded": f"excluded: {r.get('reason', '')}",
-                    "stopped": f"stopped early (ASHA) at objective {float(r.get('objective', 0.0)):.4f}"}[kind]
+                    "stopped": f"{_stopped_by(rt['space'])} at objective {float(r.get('objective', 0.0)):.4f}"}[kind]
             n = len({t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {trial.trial_id})
             rt["console"].print(f"[{n}/{self.total}] trial {trial.trial_id} {what}  ({_fmt_point(point)})",
                                 highlight=False, markup=False)
@@ -344,5 +349,10 @@ class JobTracker(Callback):
             run_id = run.info.run_id
             cl.log_batch(run_id, metrics=[Metric("objective", float(r.get("objective", 0.0)), ts, int(r.get("step", 0)))],
                          tags=[RunTag("tuneguard.status", "STOPPED"),
-                               RunTag("tuneguard.message", f"stopped early by ASHA at step {r.get('step')}")])
+                               RunTag("tuneguard.message", f"{_stopped_by(self.rt['space'])} at step {r.get('step')}")])
             cl.set_terminated(run_id, status="FINISHED")
+
+
+def _stopped_by(space) -> str:
+    """How a trial that reported but did not finish was stopped: only ASHA stops trials early."""
+    return "stopped early (ASHA)" if space.tune.scheduler == "asha" else "stopped before its last step"

@@ -77,17 +77,19 @@ class JobInfo:
     created: float
     checkpoint_every: int
     total_trials: int
+    digest: str | None = None  # of the files tuneguard writes once (see tune/jobfile.py)
 
     def save(self) -> None:
-        Path(self.results_dir, JOB_FILE).write_text(json.dumps(asdict(self), indent=2))
+        from tuneguard.tracking import mask_uri
+
+        data = {**asdict(self), "tracking_uri": mask_uri(self.tracking_uri)}  # no credentials on disk
+        Path(self.results_dir, JOB_FILE).write_text(json.dumps(data, indent=2))
 
     @classmethod
     def load(cls, results_dir: Path) -> JobInfo:
-        p = results_dir / JOB_FILE
-        if not p.is_file():
-            raise ResumeError(f"{results_dir} is not a tuneguard tune results dir (no {JOB_FILE}); "
-                              "pass the folder `tuneguard tune` printed (by default $TUNEGUARD_HOME/tune/<job id>)")
-        return cls(**json.loads(p.read_text()))
+        from tuneguard.tune.jobfile import read_job_json
+
+        return cls(**read_job_json(results_dir))
 
 
 @dataclass
@@ -107,7 +109,8 @@ class JobSummary:
     best_run_id: str | None
     seconds: float
     interrupted: bool = False
-    stopped: int = 0  # stopped early by ASHA
+    stopped: int = 0  # reported but did not finish: stopped early by ASHA, or cut by an interrupt
+    scheduler: str = "none"
     failed: bool = False  # no trial completed and at least one failed: the job failed
     first_error: str | None = None  # the first failed trial's error (its last traceback line)
     first_error_trial: str | None = None
@@ -344,17 +347,24 @@ def start_job(
                               "tuneguard.objective_name": space.tune.objective,
                               "tuneguard.results_dir": str(rdir), "tuneguard.status": "RUNNING",
                               "mlflow.note.content": _note(space, job_id, rdir)})
-    parent.log_params(space.flat_params())
-    parent.log_text(space.text, "space.yaml")
-    parent.log_dict({"scenario": space.scenario.model_dump(), "objective": space.tune.objective,
-                     "attack_set": space.attack_set, "seeds": space.seeds, "mode": space.tune.mode,
-                     "total_trials": space.total_trials()}, "scenario.json")
-    assert space.report is not None
-    parent.log_text("\n".join(space.report.lines(space.tune.mode)) + "\n", "validation.txt")
-    info = JobInfo(job_id=job_id, results_dir=str(rdir), tracking_uri=uri, experiment=space.name,
-                   parent_run_id=parent.run_id, study_name=job_id, space_path=space.path, created=time.time(),
-                   checkpoint_every=default_checkpoint_every(space), total_trials=space.total_trials())
-    info.save()
+    try:
+        parent.log_params(space.flat_params())
+        parent.log_text(space.text, "space.yaml")
+        parent.log_dict({"scenario": space.scenario.model_dump(), "objective": space.tune.objective,
+                         "attack_set": space.attack_set, "seeds": space.seeds, "mode": space.tune.mode,
+                         "total_trials": space.total_trials()}, "scenario.json")
+        assert space.report is not None
+        parent.log_text("\n".join(space.report.lines(space.tune.mode)) + "\n", "validation.txt")
+        info = JobInfo(job_id=job_id, results_dir=str(rdir), tracking_uri=uri, experiment=space.name,
+                       parent_run_id=parent.run_id, study_name=job_id, space_path=space.path, created=time.time(),
+                       checkpoint_every=default_checkpoint_every(space), total_trials=space.total_trials())
+        info.save()
+    except KeyboardInterrupt:
+        parent.end_quietly("KILLED", "interrupted before the first trial")
+        raise
+    except BaseException as err:
+        parent.end_quietly("FAILED", f"{type(err).__name__}: {err}")
+        raise
     return _run(space, info, address=address, concurrency=concurrency, progress=progress, console=console,
                 num_cpus=num_cpus, restore=False)
 
@@ -373,6 +383,7 @@ def resume_job(
     from their checkpoints (same MLflow runs), the Optuna study and searcher state carry on."""
     rdir = Path(results_dir).expanduser().resolve()
     info = JobInfo.load(rdir)
+    _check_resumable(rdir, info, tracking_uri)
     if tracking_uri:
         info.tracking_uri = absolute_uri(tracking_uri)
     space = Space.from_text((rdir / SPACE_FILE).read_text(), info.space_path)
@@ -382,18 +393,71 @@ def resume_job(
     if not Tuner.can_restore(str(rdir / TUNE_DIR)):
         raise ResumeError(f"{rdir / TUNE_DIR} holds no Tune experiment state (the job stopped before its first "
                           "trial started); start the job again with `tuneguard tune SPACE.yaml`")
-    from tuneguard.tracking import client
+    from tuneguard.tracking import client, mask_uri
+    from tuneguard.tune.jobfile import close_stale_runs
 
     try:
-        client(info.tracking_uri).update_run(info.parent_run_id, status="RUNNING")
+        client(info.tracking_uri).get_run(info.parent_run_id)
     except Exception as err:  # noqa: BLE001
-        raise ResumeError(f"the job's MLflow run {info.parent_run_id} is not in {info.tracking_uri}: {err}; "
-                          "pass the store it used with --tracking-uri") from None
+        raise ResumeError(f"the job's MLflow run {info.parent_run_id} is not in {mask_uri(info.tracking_uri)}: "
+                          f"{str(err)[:300]}; pass the store it used with --tracking-uri") from None
+    # Runs a killed driver left RUNNING end KILLED; trials that resume reopen theirs.
+    close_stale_runs(info.tracking_uri, info.experiment, info.job_id, "KILLED",
+                     "left RUNNING by an interrupted driver; closed by --resume")
+    client(info.tracking_uri).update_run(info.parent_run_id, status="RUNNING")
     return _run(space, info, address=address, concurrency=concurrency, progress=progress, console=console,
                 num_cpus=num_cpus, restore=True)
 
 
-def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console, num_cpus, restore: bool) -> JobSummary:
+def _check_resumable(rdir: Path, info: JobInfo, tracking_uri: str | None) -> None:
+    """Refuse a dir tuneguard did not write (digest, see tune/jobfile.py), and a masked URI."""
+    from tuneguard.tune.jobfile import check_digest
+
+    check_digest(rdir, info.digest)
+    if "***@" in info.tracking_uri and not tracking_uri:
+        raise ResumeError(f"the job's tracking URI {info.tracking_uri} held credentials, which job.json does not "
+                          "keep; pass it again with --tracking-uri")
+
+
+def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console, num_cpus,
+         restore: bool) -> JobSummary:
+    """:func:`_run_job`; on an error the job's MLflow runs end FAILED (KILLED when interrupted),
+    never RUNNING."""
+    from tuneguard.tune.jobfile import close_stale_runs
+
+    try:
+        summary = _run_job(space, info, address=address, concurrency=concurrency, progress=progress,
+                           console=console, num_cpus=num_cpus, restore=restore)
+    except KeyboardInterrupt:
+        _end_job_run(info, "KILLED", "INTERRUPTED")
+        close_stale_runs(info.tracking_uri, info.experiment, info.job_id, "KILLED", "the tune driver was interrupted")
+        raise
+    except BaseException as err:
+        _end_job_run(info, "FAILED", "FAILED", f"{type(err).__name__}: {err}")
+        close_stale_runs(info.tracking_uri, info.experiment, info.job_id, "FAILED",
+                         f"the tune driver failed: {type(err).__name__}: {err}")
+        raise
+    if summary.interrupted:  # trials cut by Ctrl-C / SIGTERM: their processes are gone
+        close_stale_runs(info.tracking_uri, info.experiment, info.job_id, "KILLED",
+                         "the tune job was interrupted; --resume continues this run")
+    return summary
+
+
+def _end_job_run(info: JobInfo, status: str, tag: str, message: str = "") -> None:
+    try:
+        from tuneguard.tracking import client
+
+        cl = client(info.tracking_uri)
+        cl.set_tag(info.parent_run_id, "tuneguard.status", tag)
+        if message:
+            cl.set_tag(info.parent_run_id, "tuneguard.message", message[:4000])
+        cl.set_terminated(info.parent_run_id, status=status)
+    except Exception:  # noqa: BLE001 - the original error is what matters
+        pass
+
+
+def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, console, num_cpus,
+             restore: bool) -> JobSummary:
     from ray import tune
     from ray.tune import Tuner
 
@@ -405,7 +469,6 @@ def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console
                      experiment=info.experiment, space_text=space.text, space_path=space.path,
                      checkpoint_every=info.checkpoint_every)
     from tuneguard.tune.cluster import (
-        PreflightError,
         datasets_of,
         job_env,
         preflight,
@@ -427,11 +490,8 @@ def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console
         pairs = datasets_of(space)
         if console is not None and space.tune.ship_data:
             console.print("[dim]shipping the data through Ray's object store (tune.ship_data)[/]")
-        try:
-            preflight([] if space.tune.ship_data else pairs, info.tracking_uri)
-        except PreflightError:
-            _mark_failed(info, "pre-flight check failed")
-            raise
+        # Raises PreflightError before any trial starts; _run then ends the job run FAILED.
+        preflight([] if space.tune.ship_data else pairs, info.tracking_uri)
         if space.tune.ship_data:
             job = replace(job, data_refs=ship_datasets(pairs))
         conc, cluster_cpus, per_trial = _concurrency(space, concurrency)
@@ -466,6 +526,11 @@ def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console
                 ),
                 run_config=run_config,
             )
+            # Tune wrote tune/tuner.pkl just now, once: record what --resume may unpickle.
+            from tuneguard.tune.jobfile import job_digest
+
+            info.digest = job_digest(rdir)
+            info.save()
         try:
             grid = tuner.fit()
         except KeyboardInterrupt:
@@ -499,24 +564,14 @@ def _run(space: Space, info: JobInfo, *, address, concurrency, progress, console
         if summary.failed or summary.stop_reason:
             cl.set_tag(info.parent_run_id, "tuneguard.message",
                        (summary.stop_reason or f"every trial failed; the first: {summary.first_error}")[:4000])
-        cl.log_dict(info.parent_run_id, asdict(summary), "summary.json")
+        from tuneguard.tracking import mask_uri
+
+        cl.log_dict(info.parent_run_id, {**asdict(summary), "tracking_uri": mask_uri(summary.tracking_uri)},
+                    "summary.json")
         cl.set_terminated(info.parent_run_id, status={"INTERRUPTED": "KILLED"}.get(status, status))
     except Exception:  # noqa: BLE001 - the summary must still print
         pass
     return summary
-
-
-def _mark_failed(info: JobInfo, message: str) -> None:
-    """End the job's MLflow run FAILED (the job stopped before any trial ran)."""
-    from tuneguard.tracking import client
-
-    try:
-        cl = client(info.tracking_uri)
-        cl.set_tag(info.parent_run_id, "tuneguard.status", "FAILED")
-        cl.set_tag(info.parent_run_id, "tuneguard.message", message[:4000])
-        cl.set_terminated(info.parent_run_id, status="FAILED")
-    except Exception:  # noqa: BLE001
-        pass
 
 
 def reconcile_runs(info: JobInfo, trial_ids: set[str]) -> tuple[int, int]:
@@ -579,7 +634,8 @@ def _summarise(space: Space, info: JobInfo, grid, seconds: float, interrupted: b
                     best = (obj, space.decode((r.config or {}).get("point", r.config or {})), str(m.get("best_run_id", "")))
     return JobSummary(info.job_id, info.results_dir, info.tracking_uri, info.experiment, info.parent_run_id, trials,
                       completed, errored, infeasible, excluded, best[0] if best else None, best[1] if best else None,
-                      best[2] if best else None, seconds, interrupted, stopped, first_error=first_error)
+                      best[2] if best else None, seconds, interrupted, stopped, space.tune.scheduler,
+                      first_error=first_error)
 
 
 def _note(space: Space, job_id: str, rdir: Path) -> str:

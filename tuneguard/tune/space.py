@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,13 +50,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tuneguard.config import (
+    MAX_SEED,
+    MAX_STEPS,
     SHORT_NAMES,
     ConfigError,
     ExperimentConfig,
     RuleConfig,
     apply_overrides,
     build_config,
+    check_text,
 )
+from tuneguard.safeyaml import YamlError, short
 
 KINDS = ("const", "choice", "uniform", "loguniform", "int", "logint")
 RANGE_KINDS = ("uniform", "loguniform", "int", "logint")
@@ -76,12 +82,13 @@ class Excluded(ValueError):
 # Sections with fixed keys
 # --------------------------------------------------------------------------------------------
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # strict: numbers are numbers, booleans booleans (see tuneguard.config._Strict); no inf/nan.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 class AshaSettings(_Strict):
-    grace_period: int = Field(2, ge=1, description="evaluation reports a trial runs before ASHA may stop it")
-    reduction_factor: int = Field(2, ge=2)
+    grace_period: int = Field(2, ge=1, le=MAX_STEPS, description="evaluation reports a trial runs before ASHA may stop it")
+    reduction_factor: int = Field(2, ge=2, le=1000)
 
 
 # Tune jobs run each trial on Ray actors (server, honest and Byzantine workers) unless the space
@@ -93,38 +100,42 @@ class TuneSettings(_Strict):
     """The ``tune`` section."""
 
     mode: Literal["optuna", "grid"] = "optuna"
-    num_samples: int | None = Field(None, ge=1, description="optuna: trials (default 8); grid: repeats of the grid (default 1)")
-    concurrency: int | None = Field(None, ge=1, description="trials at once; default max(1, cluster CPUs // CPUs per trial)")
+    num_samples: int | None = Field(None, ge=1, le=100_000, description="optuna: trials (default 8); grid: repeats of the grid (default 1)")
+    concurrency: int | None = Field(None, ge=1, le=10_000, description="trials at once; default max(1, cluster CPUs // CPUs per trial)")
     scheduler: Literal["none", "asha"] = "none"
     asha: AshaSettings = Field(default_factory=AshaSettings)
-    seed: int = Field(0, description="seed of Optuna's TPE sampler")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of Optuna's TPE sampler")
     seeds: list[int] | None = Field(None, description="training seeds each config runs with; the objective averages them")
     objective: Literal["max_cross_accuracy", "worst_case"] = "max_cross_accuracy"
     engine: Literal["local", "actors"] | None = Field(
         None, description="overrides base.engine; when neither is set, tune jobs use actors")
-    cpus_per_trial: float = Field(1.0, gt=0, description="CPUs a trial reserves in all (actors: shared by the "
-                                  "trainable and its actors, one worker actor per whole CPU)")
-    max_failures: int = Field(1, ge=0, description="times a failed trial is retried from its checkpoint")
+    cpus_per_trial: float = Field(1.0, gt=0, le=4096, description="CPUs a trial reserves in all (actors: shared by "
+                                  "the trainable and its actors, one worker actor per whole CPU)")
+    max_failures: int = Field(1, ge=0, le=1000, description="times a failed trial is retried from its checkpoint")
     stop_after_identical_failures: int = Field(
-        3, ge=0, description="stop the job once this many trials failed with the same error (0: never)")
+        3, ge=0, le=100_000, description="stop the job once this many trials failed with the same error (0: never)")
     ship_data: bool = Field(False, description="load the data once where the job starts and ship the arrays to the "
                             "trials through Ray's object store (clusters without a shared filesystem)")
     run_plots: bool = Field(False, description="log each run's curves figure (plots/curves.png): ~1 s of matplotlib per run")
-    checkpoint_every: int | None = Field(None, ge=1, description="steps between trial checkpoints; default ~4 per run")
-    n_startup_trials: int | None = Field(None, ge=1, description="random trials before TPE; default max(2, min(10, num_samples // 2))")
+    checkpoint_every: int | None = Field(None, ge=1, le=MAX_STEPS, description="steps between trial checkpoints; default ~4 per run")
+    n_startup_trials: int | None = Field(None, ge=1, le=100_000, description="random trials before TPE; default max(2, min(10, num_samples // 2))")
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(not 0 <= s <= MAX_SEED for s in v):
+            raise ValueError(f"tune.seeds must be integers in [0, {MAX_SEED}]; got {short(v)}")
+        if v is not None and len(v) > 1000:
+            raise ValueError(f"tune.seeds lists {len(v)} seeds; at most 1000")
         if v is not None and (not v or len(set(v)) != len(v)):
-            raise ValueError(f"tune.seeds must be a non-empty list of distinct integers; got {v}")
+            raise ValueError(f"tune.seeds must be a non-empty list of distinct integers; got {short(v)}")
         return v
 
 
 class Scenario(_Strict):
     """The ``scenario`` section: who attacks, how, and the privacy budget."""
 
-    f: int | None = Field(None, ge=0, description="Byzantine workers; else base.f (or a search parameter)")
+    f: int | None = Field(None, ge=0, le=100_000, description="Byzantine workers; else base.f (or a search parameter)")
     attacks: list[str | dict[str, Any]] | None = Field(None, description="the attack set (worst_case: one run per attack)")
     privacy: dict[str, Any] | None = Field(None, description="the budget, merged over base.privacy")
 
@@ -140,7 +151,7 @@ class Scenario(_Strict):
             try:
                 names.append(RuleConfig.model_validate(a).name)
             except ValidationError as err:
-                raise ValueError(f"scenario.attacks: {a!r} is not an attack (a name or {{name, params}}): {err}") from None
+                raise ValueError(f"scenario.attacks: {short(a)} is not an attack (a name or {{name, params}}): {err}") from None
         if len(set(names)) != len(names):
             raise ValueError(f"scenario.attacks lists an attack twice: {names}")
         return v
@@ -154,7 +165,7 @@ def _pydantic_message(section: str, err: ValidationError) -> str:
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
         elif "input" in e and not isinstance(e["input"], dict):
-            msg += f" (got {e['input']!r})"
+            msg += f" (got {short(e['input'], 80)})"
         lines.append(f"{loc}: {msg}")
     return "\n  ".join(lines)
 
@@ -205,7 +216,7 @@ class Param:
         only its own value (to tell apart grids that give one name different consts)."""
         if self.kind == "const":
             if strict and not self.accepts(raw):
-                raise SpaceError(f"search.{self.name}: {raw!r} is not its value {self.values[0]!r}")
+                raise SpaceError(f"search.{self.name}: {short(raw)} is not its value {short(self.values[0])}")
             return self.values[0]
         if self.kind == "choice":
             labels = self.labels
@@ -214,7 +225,7 @@ class Param:
                     return v
             if raw in self.values:
                 return raw
-            raise SpaceError(f"search.{self.name}: {raw!r} is not one of its choices {self.values}")
+            raise SpaceError(f"search.{self.name}: {short(raw)} is not one of its choices {short(self.values)}")
         if self.kind in ("int", "logint"):
             return int(raw)
         return float(raw)
@@ -315,14 +326,14 @@ _KIND_ALIASES = {"loguniform": "loguniform", "log_uniform": "loguniform", "log-i
 def parse_param(name: str, spec: Any, where: str) -> Param:
     """One entry of ``search``: a scalar (const), a list (choice) or a mapping with one kind key."""
     if not isinstance(name, str) or not name:
-        raise SpaceError(f"{where}: parameter names must be dotted config paths; got {name!r}")
+        raise SpaceError(f"{where}: parameter names must be dotted config paths; got {short(name, 80)}")
     if isinstance(spec, list):
         spec = {"choice": spec}
     elif not isinstance(spec, dict) or (set(spec) & {"name", "params", "kind"} and not set(spec) & set(_KIND_ALIASES)):
         spec = {"const": spec}
     explicit = spec.get("path")
     if explicit is not None and not isinstance(explicit, str):
-        raise SpaceError(f"{where}.{name}.path: expected a dotted config path; got {explicit!r}")
+        raise SpaceError(f"{where}.{name}.path: expected a dotted config path; got {short(explicit, 80)}")
     path = _canonical(explicit or name)
     problem = check_path(path)
     if problem:
@@ -344,16 +355,20 @@ def parse_param(name: str, spec: Any, where: str) -> Param:
         return Param(name, path, "const", (arg,), when=when)
     if kind == "choice":
         if not isinstance(arg, list) or not arg:
-            raise SpaceError(f"{where}.{name}: a choice needs a non-empty list of values; got {arg!r}")
+            raise SpaceError(f"{where}.{name}: a choice needs a non-empty list of values; got {short(arg)}")
         keys = [json.dumps(v, sort_keys=True, default=str) for v in arg]
         if len(set(keys)) != len(keys):
-            raise SpaceError(f"{where}.{name}: a choice lists a value twice: {arg}")
+            raise SpaceError(f"{where}.{name}: a choice lists a value twice: {short(arg)}")
         if step is not None:
             raise SpaceError(f"{where}.{name}: step applies to uniform and int ranges only")
         return Param(name, path, "choice", tuple(arg), when=when)
     if not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(x, int | float) and not isinstance(x, bool) for x in arg)):
-        raise SpaceError(f"{where}.{name}: {kind_key} takes [low, high] numbers; got {arg!r}")
+        raise SpaceError(f"{where}.{name}: {kind_key} takes [low, high] numbers; got {short(arg)}")
     low, high = arg
+    if not all(math.isfinite(x) for x in arg):
+        raise SpaceError(f"{where}.{name}: {kind_key} takes finite [low, high]; got {short(arg)}")
+    if max(abs(low), abs(high)) > 1e15:
+        raise SpaceError(f"{where}.{name}: {kind_key} bounds must be within +-1e15; got {short(arg)}")
     if not low < high:
         raise SpaceError(f"{where}.{name}: {kind_key} needs low < high; got [{low}, {high}]")
     if kind in ("loguniform", "logint") and low <= 0:
@@ -363,8 +378,8 @@ def parse_param(name: str, spec: Any, where: str) -> Param:
     if step is not None:
         if kind not in ("uniform", "int"):
             raise SpaceError(f"{where}.{name}: step applies to uniform and int ranges only (Optuna cannot step a log scale)")
-        if not (isinstance(step, int | float) and step > 0) or (kind == "int" and not float(step).is_integer()):
-            raise SpaceError(f"{where}.{name}: step must be a positive {'integer' if kind == 'int' else 'number'}; got {step!r}")
+        if not (isinstance(step, int | float) and not isinstance(step, bool) and math.isfinite(step) and step > 0) or (kind == "int" and not float(step).is_integer()):
+            raise SpaceError(f"{where}.{name}: step must be a positive {'integer' if kind == 'int' else 'number'}; got {short(step, 60)}")
     return Param(name, path, kind, (), float(low), float(high), None if step is None else float(step), when)
 
 
@@ -372,7 +387,7 @@ def _parse_when(when: Any, where: str) -> tuple[tuple[str, tuple], ...]:
     if when is None:
         return ()
     if not isinstance(when, dict) or not when:
-        raise SpaceError(f"{where}: expected a mapping {{param: value or [values]}}; got {when!r}")
+        raise SpaceError(f"{where}: expected a mapping {{param: value or [values]}}; got {short(when)}")
     out = []
     for n, v in when.items():
         vals = tuple(v) if isinstance(v, list) else (v,)
@@ -405,7 +420,7 @@ def parse_search(search: Any, where: str = "search") -> list[Param]:
                 raise SpaceError(f"{where}.{p.name}.when: {n!r} is a {target.kind} range; conditions need a choice parameter")
             missing = [a for a in allowed if not _matches(a, target.values)]
             if missing:
-                raise SpaceError(f"{where}.{p.name}.when: {n!r} never takes {missing}; its values are {list(target.values)}")
+                raise SpaceError(f"{where}.{p.name}.when: {n!r} never takes {short(missing)}; its values are {short(list(target.values))}")
     # Normalise condition names to the parameter names as written, then order: conditions first.
     fixed = []
     for p in params:
@@ -612,19 +627,30 @@ class Space:
     # construction ---------------------------------------------------------------------------
     @classmethod
     def load(cls, path: str | Path, overrides: list[str] | None = None) -> Space:
+        from tuneguard.safeyaml import read_text
+
         p = Path(path)
-        if not p.is_file():
-            raise SpaceError(f"search space file not found: {p}")
-        return cls.from_text(p.read_text(), str(p.resolve()), overrides)
+        try:
+            text = read_text(p, "search space file")
+        except YamlError as err:
+            raise SpaceError(str(err)) from None
+        return cls.from_text(text, str(p.resolve()), overrides)
 
     @classmethod
     def from_text(cls, text: str, path: str | None = None, overrides: list[str] | None = None) -> Space:
+        from tuneguard.safeyaml import loads
+
+        where = path or "search space"
         try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as err:
-            raise SpaceError(f"{path or 'search space'}: not valid YAML: {err}") from None
+            raw = loads(text, where)
+        except YamlError as err:
+            raise SpaceError(str(err)) from None
+        if raw is None or raw == {}:
+            raise SpaceError(f"{where}: the search space is empty; it needs at least a `search` (or `base`) "
+                             f"section (sections: {', '.join(SECTIONS)}; see docs/search_spaces.md)")
         if not isinstance(raw, dict):
-            raise SpaceError(f"{path or 'search space'}: expected a mapping with sections {', '.join(SECTIONS)}")
+            raise SpaceError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}; "
+                             f"got a {type(raw).__name__}")
         for item in overrides or []:
             _set_dotted(raw, item)
         if overrides:  # the text trials and --resume read back must hold the overrides
@@ -635,7 +661,10 @@ class Space:
     def from_dict(cls, raw: dict[str, Any], *, text: str | None = None, path: str | None = None) -> Space:
         unknown = set(raw) - set(SECTIONS)
         if unknown:
-            raise SpaceError(f"unknown section(s) {sorted(unknown)} in the search space; valid: {', '.join(SECTIONS)}")
+            names = short(sorted(str(k) for k in unknown))
+            raise SpaceError(f"{path or 'search space'}: unknown section(s) {names}; valid: {', '.join(SECTIONS)}")
+        if raw.get("description") is not None and not isinstance(raw["description"], str):
+            raise SpaceError(f"{path or 'search space'}: description must be text; got a {type(raw['description']).__name__}")
         base = raw.get("base") or {}
         if not isinstance(base, dict):
             raise SpaceError("base: expected a mapping of ExperimentConfig keys")
@@ -801,7 +830,7 @@ class Space:
             by_name = {p.name: p for p in grid}
             if all(by_name[k].accepts(v) for k, v in items.items()):
                 return {k: by_name[k].encode(v) for k, v in items.items()}
-        raise SpaceError(f"the point {point!r} is not a point of any grid of the search")
+        raise SpaceError(f"the point {short(point)} is not a point of any grid of the search")
 
     def _grids_for(self, items: dict[str, Any]) -> list[list[Param]]:
         return [grid for grid in self.grids if set(items) <= {p.name for p in grid}]
@@ -809,6 +838,7 @@ class Space:
     # validation -----------------------------------------------------------------------------
     def validate(self) -> ValidationReport:
         """Check every combination before anything runs; raise SpaceError on real errors."""
+        self._check_data_dirs()
         try:
             build_config(self.base_raw())
         except ConfigError as err:
@@ -839,6 +869,38 @@ class Space:
             report.points = ok_points
         self.report = report
         return report
+
+    def _check_data_dirs(self) -> None:
+        """A data_dir that does not exist fails every trial; say so before anything starts."""
+        where = self.path or "search space"
+        found: list[tuple[str, Any]] = []
+        if "data_dir" in self.base:
+            found.append(("base.data_dir", self.base["data_dir"]))
+        for grid in self.grids:
+            for p in grid:
+                if p.path == "data_dir":
+                    found.extend((f"search.{p.name}", v) for v in p.values)
+        for field_name, value in found:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise SpaceError(f"{where}: {field_name} must be a directory path; got {short(value, 80)}")
+            try:
+                check_text(value, field_name, max_len=4096)
+            except ValueError as err:
+                raise SpaceError(f"{where}: {err}") from None
+            d = Path(value).expanduser()
+            if not d.is_dir():
+                what = "is not a directory" if d.exists() else "does not exist"
+                raise SpaceError(
+                    f"{where}: {field_name}={short(value, 200)} {what}; every trial would fail to load its "
+                    "dataset. Give the torchvision data root (the folder holding MNIST/ or FashionMNIST/), "
+                    "or leave data_dir out to use $TUNEGUARD_DATA_DIR"
+                )
+        env = os.environ.get("TUNEGUARD_DATA_DIR")
+        if env and not found and not Path(env).expanduser().is_dir():
+            raise SpaceError(f"TUNEGUARD_DATA_DIR={short(env, 200)} is not a directory; every trial would fail to "
+                             "load its dataset. Point it at the torchvision data root, or set base.data_dir")
 
     def describe(self) -> list[str]:
         t = self.tune
@@ -875,15 +937,18 @@ class Space:
 def _set_dotted(raw: dict[str, Any], item: str) -> None:
     """``--set section.key=value`` on the raw space (e.g. tune.num_samples=4, base.steps=20)."""
     if "=" not in item:
-        raise SpaceError(f"--set expects section.key=value; got {item!r}")
+        raise SpaceError(f"--set expects section.key=value; got {short(item, 80)}")
     key, _, text = item.partition("=")
     parts = key.strip().split(".")
     if parts[0] not in SECTIONS or len(parts) < 2:
         raise SpaceError(f"--set {key}: start with a section ({', '.join(s for s in SECTIONS if s != 'description')})")
+    from tuneguard.safeyaml import scalar
+
     try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+        check_text(key.strip(), "--set key")
+        value = scalar(text)
+    except (YamlError, ValueError) as err:
+        raise SpaceError(f"--set {short(key.strip(), 60)}: {err}") from None
     node = raw
     if parts[0] == "search":  # search keys are dotted paths themselves: search.<param>=...
         node = raw.setdefault("search", {})

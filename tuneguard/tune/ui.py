@@ -4,7 +4,13 @@ It runs ``mlflow server`` with the SQLite store as ``--backend-store-uri`` and t
 tuneguard writes next to it (``$TUNEGUARD_HOME/artifacts``) as ``--default-artifact-root``, one
 uvicorn worker (``-w 1``) and no job runner (``MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false``): on a
 laptop that is ~0.5 GB and ~6 s to ``/health`` instead of ~3 GB and ~15 s. The server runs in
-its own process group; stopping sends SIGTERM to the group (SIGKILL after a grace period).
+its own process group; stopping sends SIGTERM to the group (SIGKILL after a grace period), on
+every exit path: Ctrl-C or SIGTERM while it starts, a start-up timeout, an error, normal exit.
+
+Listening on every interface (``--host 0.0.0.0``) serves an unauthenticated MLflow, writes
+included, to whoever reaches the port: the command warns, and passes MLflow's
+``--allowed-hosts`` (the Host headers the server answers) and ``--cors-allowed-origins`` (the web
+origins that may call it) as the user names them (default: this machine's name and addresses).
 """
 
 from __future__ import annotations
@@ -23,7 +29,56 @@ class UIError(RuntimeError):
     """The server could not start (port taken, not a SQLite store, ...)."""
 
 
-def server_command(tracking_uri: str, host: str, port: int, workers: int = 1) -> list[str]:
+PUBLIC_HOSTS = ("0.0.0.0", "::", "[::]")
+
+
+def is_public(host: str) -> bool:
+    """Whether ``host`` listens beyond this machine (all interfaces, or a non-loopback address)."""
+    if host in PUBLIC_HOSTS:
+        return True
+    import ipaddress
+
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host not in ("localhost",)
+
+
+def reachable_hosts() -> list[str]:
+    """Names and addresses this machine is reachable at (for --allowed-hosts and the URL)."""
+    import socket
+
+    names: list[str] = []
+    for name in (socket.gethostname(), socket.getfqdn()):
+        if name and name not in names:
+            names.append(name)
+    try:
+        for info in socket.getaddrinfo(socket.gethostname(), None, family=socket.AF_INET):
+            addr = info[4][0]
+            if addr not in names and not addr.startswith("127."):
+                names.append(addr)
+    except OSError:
+        pass
+    try:  # the address of the default route's interface (no packet is sent)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect(("192.0.2.1", 9))
+            addr = sock.getsockname()[0]
+            if addr not in names and not addr.startswith("127."):
+                names.append(addr)
+    except OSError:
+        pass
+    return names
+
+
+def check_host_port(host: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise UIError(f"--port {port} is not a port; allowed: 1-65535")
+    if not host or any(c.isspace() or ord(c) < 32 for c in host) or len(host) > 253:
+        raise UIError(f"--host {host!r} is not a host name or address")
+
+
+def server_command(tracking_uri: str, host: str, port: int, workers: int = 1, *,
+                   allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None) -> list[str]:
     from tuneguard.tracking import _artifact_root, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
@@ -32,8 +87,13 @@ def server_command(tracking_uri: str, host: str, port: int, workers: int = 1) ->
     root = _artifact_root(uri)
     exe = Path(sys.executable).with_name("mlflow")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "mlflow"]
-    return cmd + ["server", "--backend-store-uri", uri, "--default-artifact-root", str(root),
-                  "--host", host, "--port", str(port), "--workers", str(workers)]
+    out = cmd + ["server", "--backend-store-uri", uri, "--default-artifact-root", str(root),
+                 "--host", host, "--port", str(port), "--workers", str(workers)]
+    if allowed_hosts:
+        out += ["--allowed-hosts", ",".join(allowed_hosts)]
+    if cors_origins:
+        out += ["--cors-allowed-origins", ",".join(cors_origins)]
+    return out
 
 
 @dataclass
@@ -43,21 +103,38 @@ class Server:
     log_path: Path
 
     def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds; also when the
+        leader has already exited (its uvicorn workers may not have)."""
         p = self.process
-        if p.poll() is not None:
-            return
         try:
             os.killpg(p.pid, signal.SIGTERM)
         except ProcessLookupError:
+            p.poll()
             return
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            p.poll()
+            if not _group_alive(p.pid):
+                return
+            time.sleep(0.1)
         try:
-            p.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
             p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def _health(url: str) -> bool:
@@ -69,13 +146,18 @@ def _health(url: str) -> bool:
 
 
 def start(tracking_uri: str | None = None, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
-          timeout: float = 90.0, log_path: str | Path | None = None) -> Server:
-    """Start the server and wait until ``/health`` answers; raise UIError with its log otherwise."""
+          timeout: float = 90.0, log_path: str | Path | None = None, allowed_hosts: list[str] | None = None,
+          cors_origins: list[str] | None = None) -> Server:
+    """Start the server and wait until ``/health`` answers; raise UIError with its log otherwise.
+    Whatever stops the wait (Ctrl-C, SIGTERM raised as KeyboardInterrupt, a timeout, an error),
+    the server's whole process group is stopped before this returns or raises."""
     from tuneguard.tracking import default_tracking_uri, tuneguard_home
 
+    check_host_port(host, port)
     uri = tracking_uri or default_tracking_uri()
-    cmd = server_command(uri, host, port, workers)
-    url = f"http://{host}:{port}"
+    cmd = server_command(uri, host, port, workers, allowed_hosts=allowed_hosts, cors_origins=cors_origins)
+    local = "127.0.0.1" if host in PUBLIC_HOSTS else host
+    url = f"http://{local}:{port}" if ":" not in local else f"http://[{local.strip('[]')}]:{port}"
     if _health(url):
         raise UIError(f"something already answers on {url}; choose another --port")
     log = Path(log_path) if log_path else tuneguard_home() / "ui.log"
@@ -84,31 +166,38 @@ def start(tracking_uri: str | None = None, *, host: str = "127.0.0.1", port: int
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = Server(proc, url, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log.read_text()[-3000:]
-            raise UIError(f"mlflow server exited with code {proc.returncode} before answering; its log ({log}):\n{tail}")
-        if _health(url):
-            return server
-        time.sleep(0.5)
-    server.stop()
-    raise UIError(f"mlflow server did not answer {url}/health within {timeout:.0f} s; see {log}")
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = log.read_text()[-3000:]
+                raise UIError(f"mlflow server exited with code {proc.returncode} before answering; its log ({log}):\n{tail}")
+            if _health(url):
+                return server
+            time.sleep(0.5)
+        raise UIError(f"mlflow server did not answer {url}/health within {timeout:.0f} s; see {log}")
+    except BaseException:
+        server.stop()  # the whole group: mlflow server, uvicorn and its workers
+        raise
 
 
 def serve(tracking_uri: str | None = None, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
-          on_ready=None) -> None:
-    """Start, report the URL through ``on_ready(server)``, and run until Ctrl-C or SIGTERM."""
-    server = start(tracking_uri, host=host, port=port, workers=workers)
+          on_ready=None, allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None) -> None:
+    """Start, report the URL through ``on_ready(server)``, and run until Ctrl-C or SIGTERM. The
+    signal handlers are in place before the server starts, so a signal during start-up stops it
+    too (see :func:`start`)."""
     stop_requested = False
 
-    def _terminate(signum, frame):  # SIGTERM to us: stop the server like Ctrl-C
+    def _terminate(signum, frame):  # SIGTERM / SIGHUP to us: stop the server like Ctrl-C
         nonlocal stop_requested
         stop_requested = True
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
+    server = None
     try:
+        server = start(tracking_uri, host=host, port=port, workers=workers, allowed_hosts=allowed_hosts,
+                       cors_origins=cors_origins)
         if on_ready:
             on_ready(server)
         while server.process.poll() is None:
@@ -118,5 +207,7 @@ def serve(tracking_uri: str | None = None, *, host: str = "127.0.0.1", port: int
     except KeyboardInterrupt:
         pass
     finally:
-        server.stop()
-        signal.signal(signal.SIGTERM, previous)
+        if server is not None:
+            server.stop()
+        for s, h in previous.items():
+            signal.signal(s, h)
