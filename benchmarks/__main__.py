@@ -73,6 +73,9 @@ FIGURES = [
            quick=["--steps", "2", "--warmup", "1", "--batch-sizes", "25", "--gars", "mda", "average", "--fs", "3",
                   "--attacks", "little", "--validate", "mda:25", "--validate-steps", "5", "--floor-repeats", "1",
                   "--mlflow-repeats", "1"]),
+    Figure("engine_job", 7, "the quickstart tune job on the actor engine vs the local engine (wall, actor "
+           "start-ups, peak memory)", "benchmarks.engine_job",
+           quick=["--repeats", "1", "--set", "base.steps=10", "--set", "tune.num_samples=2"]),
     Figure("grid_projection_gpu", 6, "the same projection on the GPU (only where CUDA is available)",
            "benchmarks.grid_projection", full=["--device", "cuda"], group="grid_projection", needs_cuda=True,
            quick=["--device", "cuda", "--steps", "2", "--warmup", "1", "--batch-sizes", "25", "--gars", "mda",

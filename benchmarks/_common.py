@@ -30,7 +30,7 @@ Figures: (1) `clipping`: DP gradients vs the non-private floor, the generic path
 latencies at n = 15 and n = 51; (4) `actor_overhead`: actor engine vs local engine; (5)
 `tune_overhead`: a tune job's wall time vs its trials' training time; (6) `grid_projection`:
 the 001 Fashion-MNIST grid projected on this machine (and on a GPU when there is one) vs its
-floor. Each script also runs on its own: `python -m benchmarks.<name> --help`.
+floor; (7) `engine_job`: the quickstart tune job on the actor engine vs the local engine. Each script also runs on its own: `python -m benchmarks.<name> --help`.
 """
 PACKAGES = ("ray", "mlflow", "optuna", "opacus")
 
