@@ -150,7 +150,7 @@ class ByzantineWorkers(_Role):
         if ctx.label_flip:
             mom = to_tensor(prev.get("momentum"), self.device) if prev else None
             flipped = worker_round(ctx, to_tensor(theta, self.device), mom, ids, t, flip=True)
-        submit = _cat([h["submit"] for h in honest], self.device) if honest else torch.empty(0, ctx.d, device=self.device)
+        submit = _rows([h["submit"] for h in honest], self.device) if honest else torch.empty(0, ctx.d, device=self.device)
         vectors = byzantine_vectors(ctx, submit, t, flipped)
         return pack(vectors=vectors, momentum=flipped.momentum if flipped is not None else None)
 
@@ -193,7 +193,7 @@ class ParameterServer(_Role):
                 stack[row:row + k].copy_(torch.from_numpy(p["submit"]))
                 row += k
         assert row == h, (row, h)
-        sample, loss, grad_norm, clipped = (_cat([p[k] for p in honest], dev)
+        sample, loss, grad_norm, clipped = (_rows([p[k] for p in honest], dev)
                                             for k in ("sample", "loss", "grad_norm", "clipped_frac"))
         out = WorkerOutput(sample, stack[:h], None, loss, grad_norm, clipped)
         return out, honest_summary(out), stack
@@ -217,6 +217,17 @@ class ParameterServer(_Role):
 
     def evaluate(self, theta: np.ndarray) -> tuple[float, float]:
         return evaluate(self.ctx, to_tensor(theta, self.device))
+
+
+def _rows(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
+    """The rows of ``arrays`` as one tensor, for reading only: a single CPU array is viewed in
+    place (the object store's buffer, no copy: one worker actor per trial is the common case),
+    several are concatenated."""
+    if len(arrays) == 1 and device.type == "cpu":
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_NOT_WRITABLE)
+            return torch.from_numpy(arrays[0])
+    return _cat(arrays, device)
 
 
 def _cat(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
