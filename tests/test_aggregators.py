@@ -258,23 +258,37 @@ def test_mda_matches_brute_force_on_n15_f6():
     assert torch.allclose(aggregate("mda", x, 6), x[list(best)].mean(0))
 
 
-def _reference_bulyan(x: torch.Tensor, f: int) -> tuple[list[int], list[float]]:
-    rows = x.tolist()
-    n = len(rows)
-    remaining, chosen = list(range(n)), []
-    sq = lambda a, b: sum((p - q) ** 2 for p, q in zip(rows[a], rows[b], strict=True))  # noqa: E731
-    for _ in range(n - 2 * f - 2):
+def _reference_krum_rounds(x: torch.Tensor, f: int, rounds: int) -> list[int]:
+    """Krum ``rounds`` times without replacement, from the definition (numpy, float64): score =
+    sum of squared distances to the r - f - 2 nearest other remaining rows; ties (documented in
+    krum) to the smaller sum over all remaining others, the smaller coordinate sum, the lower
+    index."""
+    rows = x.double().numpy()
+    sq = ((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1)
+    remaining, chosen = list(range(len(rows))), []
+    for _ in range(rounds):
         r = len(remaining)
-        score = {
-            i: sum(sorted(sq(i, j) for j in remaining if j != i)[: r - f - 2]) for i in remaining
-        }
-        winner = min(remaining, key=lambda i: (score[i], i))
+
+        def key(i: int) -> tuple[float, float, float, int]:
+            others = [sq[i, j] for j in remaining if j != i]
+            return (sum(sorted(others)[: r - f - 2]), sum(others), float(rows[i].sum()), i)
+
+        winner = min(remaining, key=key)
         chosen.append(winner)
         remaining.remove(winner)
+    return chosen
+
+
+def _reference_bulyan(x: torch.Tensor, f: int) -> tuple[list[int], list[float]]:
+    """Bulyan by its definition (El Mhamdi et al. 2018; 001 App. B.4): Krum n - 2f - 2 times,
+    then per coordinate the mean of the beta values closest to the median of the selected set,
+    ties in distance to the lower value (a stable sort of the sorted values by distance)."""
+    n = x.shape[0]
+    chosen = _reference_krum_rounds(x, f, n - 2 * f - 2)
     beta = n - 4 * f - 2
     out = []
-    for k in range(len(rows[0])):
-        values = [rows[i][k] for i in chosen]
+    for k in range(x.shape[1]):
+        values = sorted(float(x[i, k]) for i in chosen)
         med = statistics.median(values)
         out.append(sum(sorted(values, key=lambda v: abs(v - med))[:beta]) / beta)
     return chosen, out
@@ -305,6 +319,76 @@ def test_bulyan_matches_reference_on_random_inputs():
         x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
         x[:f] *= 20
         assert torch.allclose(aggregate("bulyan", x, f), t64(_reference_bulyan(x, f)[1]))
+
+
+def test_bulyan_takes_the_beta_closest_values_not_the_lowest_window_of_equal_reach():
+    # n = 9, f = 1: theta = 5, beta = 3. Five cluster rows (coordinate 0 = 0, 0, 1, 1.5, 5) and
+    # four far rows (1000 along their own axis): stage 1 keeps the cluster. Coordinate 0 of P:
+    # median 1, distances 1, 1, 0, 0.5, 4, so the three closest are 1, 1.5 and one 0: mean
+    # 2.5 / 3. The windows [0, 0, 1] and [0, 1, 1.5] both reach 1; taking the lower one gave
+    # 1 / 3, a value the definition never produces.
+    x = torch.zeros(9, 5, dtype=torch.float64)
+    x[:5, 0] = t64([0.0, 1.5, 0.0, 5.0, 1.0])
+    for k in range(4):
+        x[5 + k, 1 + k] = 1000.0
+    chosen, expected = _reference_bulyan(x, 1)
+    assert sorted(chosen) == [0, 1, 2, 3, 4]
+    out = aggregate("bulyan", x, 1)
+    assert out.tolist() == pytest.approx([2.5 / 3, 0.0, 0.0, 0.0, 0.0], abs=1e-15)
+    assert out.tolist() == pytest.approx(expected, abs=1e-15)
+    # Mirrored, the two 0s become -0s above the median: the closest three are -1, -1.5, -0.
+    assert aggregate("bulyan", -x, 1).tolist() == pytest.approx([-2.5 / 3, 0, 0, 0, 0], abs=1e-15)
+
+
+def test_bulyan_boundary_tie_goes_to_the_lower_value():
+    # n = 9, f = 1, beta = 3, stage 1 keeps the five cluster rows. Coordinate 0 of P is
+    # 1, 2, 3, 5, 6 (median 3): after 3 and 2 the third place is tied between 1 and 5 (distance
+    # 2): the lower, 1, is taken: mean 2. Coordinate 1 is 0, 0, 2, 4, 4 (median 2): two places
+    # after 2, four values at distance 2: the two 0s: mean 2/3. Mirroring the input mirrors the
+    # values but not the rule (the lower value is still preferred): -5 and -4, -4 are taken.
+    x = torch.zeros(9, 6, dtype=torch.float64)
+    x[:5, 0] = t64([5.0, 1.0, 3.0, 6.0, 2.0])
+    x[:5, 1] = t64([4.0, 0.0, 2.0, 4.0, 0.0])
+    for k in range(4):
+        x[5 + k, 2 + k] = 1000.0
+    chosen, expected = _reference_bulyan(x, 1)
+    assert sorted(chosen) == [0, 1, 2, 3, 4]
+    out = aggregate("bulyan", x, 1)
+    assert out[:2].tolist() == pytest.approx([2.0, 2.0 / 3], abs=1e-15)
+    assert out.tolist() == pytest.approx(expected, abs=1e-15)
+    assert aggregate("bulyan", -x, 1)[:2].tolist() == pytest.approx([-10 / 3, -10 / 3], abs=1e-15)
+
+
+def test_bulyan_with_identical_attack_rows_matches_the_definition():
+    # The case that showed the bug: n = 25, f = 5, five identical `little` rows (every vector
+    # attack sends identical rows), d = 1,000.
+    gen = torch.Generator().manual_seed(13)
+    honest = torch.randn(20, 1000, generator=gen, dtype=torch.float64)
+    x = torch.cat([honest, craft("little", honest, 5)])
+    chosen, expected = _reference_bulyan(x, 5)
+    assert set(range(20, 25)) <= set(chosen)  # the attackers are selected: ties in stage 2
+    assert torch.allclose(aggregate("bulyan", x, 5), t64(expected), rtol=0, atol=1e-12)
+
+
+@st.composite
+def _rows_with_repeats(draw, min_f: int = 1, max_f: int = 2, extra_n: int = 4):
+    """Small-integer rows drawn from a pool, so rows repeat and distances tie exactly."""
+    f = draw(st.integers(min_f, max_f))
+    n = draw(st.integers(4 * f + 3, 4 * f + 3 + extra_n))
+    d = draw(st.integers(1, 5))
+    pool = draw(st.lists(st.lists(st.integers(-3, 3), min_size=d, max_size=d), min_size=1, max_size=n))
+    picks = draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))
+    return t64([pool[i] for i in picks]), f
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_rows_with_repeats())
+def test_bulyan_matches_the_definition_with_repeated_values_and_ties(case):
+    x, f = case
+    out = aggregate("bulyan", x, f)
+    assert out.tolist() == pytest.approx(_reference_bulyan(x, f)[1], abs=1e-12)
+    # float32 input: same selection (integers are exact), same output to float32 rounding.
+    assert torch.allclose(aggregate("bulyan", x.float(), f).double(), out, atol=1e-6)
 
 
 def test_trimmed_mean_cuts_f_on_each_side_per_coordinate():
