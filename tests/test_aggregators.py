@@ -468,6 +468,44 @@ def test_nnm_mixes_each_vector_with_its_n_minus_f_nearest():
     assert nnm(y, 2).flatten().tolist() == pytest.approx([0.0, 0.0, 0.0, 6.0, 6.0])
 
 
+def _reference_nnm(x: torch.Tensor, f: int) -> list[list[float]]:
+    """NNM by its definition (Allouah et al. 2023): each row becomes the mean of its n - f
+    nearest rows, itself first, ties in distance to the lower index (numpy, float64)."""
+    rows = x.double().numpy()
+    n = len(rows)
+    sq = ((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1)
+    out = []
+    for i in range(n):
+        nbrs = sorted(range(n), key=lambda j: (j != i, sq[i, j], j))[: n - f]
+        out.append(rows[nbrs].mean(0).tolist())
+    return out
+
+
+def test_nnm_breaks_ties_by_index():
+    # n = 5, f = 2: three neighbours each, itself included. Row 0 is at distance 1 from rows 1,
+    # 2 and 3: it takes 1 and 2, the lower indices: (0 + 1 - 1) / 3. Row 2 has row 0 nearest,
+    # then rows 1 and 3 tied (distance 2): row 1. Rows 1 and 3 are identical and take each
+    # other and row 0; row 4 takes rows 1 and 3 (tied with each other, nothing else closer).
+    x = t64([[0.0], [1.0], [-1.0], [1.0], [5.0]])
+    out = AGGREGATORS["nnm"].fn(x, 2).flatten().tolist()
+    assert out == pytest.approx([0.0, 2 / 3, 0.0, 2 / 3, 7 / 3])
+    assert out == pytest.approx([r[0] for r in _reference_nnm(x, 2)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_rows_with_repeats(min_f=0, max_f=3))
+def test_nnm_matches_the_definition_and_identical_rows_mix_identically(case):
+    x, f = case
+    out = AGGREGATORS["nnm"].fn(x, f)
+    assert torch.allclose(out, t64(_reference_nnm(x, f)), rtol=0, atol=1e-12)
+    # Identical rows pick the same neighbours (or equal-valued ones): the same vector, up to
+    # the rounding of the matrix product (BLAS may round rows of one product differently).
+    scale = 1e-14 * (1.0 + float(x.abs().max()))
+    for i, j in itertools.combinations(range(x.shape[0]), 2):
+        if torch.equal(x[i], x[j]):
+            assert torch.allclose(out[i], out[j], rtol=0, atol=scale)
+
+
 def test_bucketing_averages_random_buckets_of_size_s():
     bucketing = AGGREGATORS["bucketing"].fn
     x = torch.eye(5, dtype=torch.float64)
