@@ -17,7 +17,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuneguard.aggregators import AGGREGATORS, AggregatorSpec, aggregate, check_rule, resolve
+from tuneguard.aggregators import (
+    AGGREGATORS,
+    AggregatorSpec,
+    Gar,
+    GarRequirementError,
+    aggregate,
+    build_gar,
+    chain_kappa,
+    check_rule,
+    resolve,
+)
 from tuneguard.attacks import craft
 
 RULES = [name for name, spec in AGGREGATORS.items() if not spec.is_pre]
@@ -685,3 +695,57 @@ def test_blocked_float32_gram_matches_float64(d):
     assert torch.allclose(got, ref, rtol=1e-12, atol=0.0)
     for name in ("mda", "krum", "multi_krum", "bulyan"):
         assert torch.allclose(aggregate(name, x, 3).to(torch.float64), aggregate(name, x64, 3), rtol=0, atol=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------
+# Gar: a rule or chain built once
+
+
+@pytest.mark.parametrize("name", RULES + CHAINS)
+def test_gar_aggregates_as_aggregate_does(name):
+    n, f = 15, 2 if name == "bulyan" else 3
+    x = torch.randn(n, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    gar = build_gar(name, n=n, f=f)
+    assert torch.equal(gar(x), aggregate(name, x, f))
+    assert gar.kappa() == chain_kappa(name, n, f)
+    assert gar.randomized == any(s.randomized for s in resolve(name))
+    assert gar.sign_based == resolve(name)[-1].sign_based
+    if gar.randomized:  # the step's generator goes to the shuffle; same draw as aggregate's
+        again = gar(x, generator=torch.Generator().manual_seed(11))
+        assert torch.equal(again, aggregate(name, x, f, generator=torch.Generator().manual_seed(11)))
+        assert not torch.equal(again, gar(x, generator=torch.Generator().manual_seed(12)))
+
+
+def test_gar_checks_once_with_a_typed_error_and_keeps_its_metadata():
+    with pytest.raises(GarRequirementError, match="krum needs n >= 2f \\+ 3; got n=7, f=3. With n=7 use f <= 2"):
+        build_gar("nnm+krum", n=7, f=3)
+    with pytest.raises(GarRequirementError, match="after bucketing, krum sees n=4 vectors out of 7"):
+        build_gar("bucketing+krum", n=7, f=1, s=2)
+    with pytest.raises(GarRequirementError, match="m must be an integer with 1 <= m <= n - f"):
+        build_gar("multi_krum", n=9, f=2, m=8)
+    assert issubclass(GarRequirementError, ValueError)
+    for bad, message in (("krumm", "unknown aggregation rule"), ("krum", "takes no parameter 's'")):
+        with pytest.raises(ValueError, match=message) as err:
+            build_gar(bad, n=9, f=2, s=2)
+        assert not isinstance(err.value, GarRequirementError)
+    gar = build_gar("bucketing+krum", n=15, f=2, s=2)
+    assert (gar.name, gar.n, gar.f, dict(gar.params)) == ("bucketing+krum", 15, 2, {"s": 2})
+    assert [s.name for s in gar.specs] == ["bucketing", "krum"] and gar.counts == (15, 8)
+    assert gar.kappa() == AGGREGATORS["krum"].kappa(8, 2) and gar.vn_bound() == 1 / gar.kappa()
+    assert gar.kappa(15, 1) == chain_kappa("bucketing+krum", 15, 1, s=2)
+    assert gar.with_f(1).f == 1 and gar.with_f(2) is gar
+    assert build_gar("geometric_median", n=9, f=2).kappa() is None
+    with pytest.raises(ValueError, match="built for n=15 vectors; got 14"):
+        gar(torch.zeros(14, 3))
+    back = pickle.loads(pickle.dumps(gar))
+    assert isinstance(back, Gar) and (back.name, back.n, back.f, dict(back.params)) == ("bucketing+krum", 15, 2, {"s": 2})
+
+
+def test_build_gar_from_an_experiment_config():
+    from tuneguard.config import build_config
+
+    cfg = build_config({"n_workers": 15, "f": 2, "gar": {"name": "bucketing+median", "params": {"s": 3}}})
+    gar = build_gar(cfg)
+    assert (gar.name, gar.n, gar.f, dict(gar.params)) == ("bucketing+median", 15, 2, {"s": 3})
+    with pytest.raises(ValueError, match="takes n, f and the parameters from the config"):
+        build_gar(cfg, n=15)

@@ -221,3 +221,29 @@ def test_model_init_is_seeded_locally_and_thread_safe():
     with ThreadPoolExecutor(4) as pool:
         for params in pool.map(build, range(8)):
             assert all(torch.equal(a, b) for a, b in zip(reference, params, strict=True))
+
+
+@pytest.mark.parametrize("gar,attack", [
+    ({"name": "bucketing+krum", "params": {"s": 2}}, {"name": "adaptive", "params": {}}),
+    ("nnm+median", "little"),
+])
+def test_a_gar_built_once_gives_the_numbers_of_building_it_each_step(gar, attack, data_dir):
+    # What an engine does with the run's Gar: build it once (build_gar(cfg)) and hand it to the
+    # step functions. It must not change a number, randomised chains and GAR-aware attacks
+    # included (they get the same step generator either way).
+    from tuneguard.aggregators import build_gar
+    from tuneguard.training.step import aggregate_and_update, byzantine_vectors, worker_round
+
+    cfg = small(n_workers=9, f=1, gar=gar, attack=attack)
+    ctx = build_context(cfg)
+    run_gar = build_gar(cfg)
+    theta = ctx.initial_theta()
+    for t in range(2):
+        honest = worker_round(ctx, theta, None, list(range(cfg.n_honest)), t)
+        byz = byzantine_vectors(ctx, honest.submit, t)
+        assert torch.equal(byz, byzantine_vectors(ctx, honest.submit, t, gar=run_gar))
+        vectors = torch.cat([honest.submit, byz])
+        new_theta, R = aggregate_and_update(ctx, theta, vectors, t)
+        again, R2 = aggregate_and_update(ctx, theta, vectors, t, gar=run_gar)
+        assert torch.equal(R, R2) and torch.equal(new_theta, again)
+        theta = new_theta

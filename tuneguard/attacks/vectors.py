@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from tuneguard.aggregators import AGGREGATORS, aggregate, check_rule, resolve
+from tuneguard.aggregators import AGGREGATORS, Gar, build_gar
 
 from ._spec import AttackSpec, register
 
@@ -124,10 +124,21 @@ def label_flip(honest: Tensor, f: int) -> Tensor:
     raise ValueError("label_flip is a data attack: the training engine applies it")
 
 
+def _as_gar(gar: str | Gar, n: int, gar_f: int, gar_params: Mapping[str, Any]) -> Gar:
+    """The server's rule as a :class:`Gar` on n vectors with gar_f. A prebuilt Gar is reused as
+    is when n and f match, and keeps its own parameters (``gar_params`` then only lends the
+    step's generator); a name is built with ``gar_params``."""
+    if isinstance(gar, Gar):
+        if gar.n == n and gar.f == gar_f:
+            return gar
+        return build_gar(gar.name, n, gar_f, **gar.params)
+    return build_gar(gar, n, gar_f, **gar_params)
+
+
 def line_search_zeta(
     honest: Tensor,
     f: int,
-    gar: str,
+    gar: str | Gar,
     base: str = "little",
     gar_params: Mapping[str, Any] | None = None,
     gar_f: int | None = None,
@@ -144,9 +155,10 @@ def line_search_zeta(
     """
     gar_params = dict(gar_params or {})
     gar_f = f if gar_f is None else gar_f
+    server = _as_gar(gar, honest.shape[0] + f, gar_f, gar_params)
     mean = honest.mean(dim=0)
     direction = _direction(base, honest, mean)
-    target = mean.sign() if resolve(gar)[-1].sign_based else mean
+    target = mean.sign() if server.sign_based else mean
     gen = gar_params.get("generator")
     state = gen.get_state() if isinstance(gen, torch.Generator) else None
     byz = torch.empty((f, honest.shape[1]), dtype=honest.dtype, device=honest.device)
@@ -156,7 +168,7 @@ def line_search_zeta(
         stacked[honest.shape[0] :] = mean + zeta * direction
         if state is not None:
             gen.set_state(state)
-        out = aggregate(gar, stacked, gar_f, **gar_params)
+        out = server(stacked, generator=gen)
         value = float(torch.linalg.vector_norm((out - target).to(torch.float64)))
         return value if math.isfinite(value) else math.inf
 
@@ -198,9 +210,11 @@ def adaptive(
     maximise the damage :math:`\|\mathrm{GAR}(g_1..g_h, b, .., b) - \bar g\|` (the EPFL code's
     negative ``factor``; Baruch et al. and Xie et al. tune zeta the same way).
 
-    ``gar`` (required) is any rule or chain name, run through
+    ``gar`` (required) is any rule or chain name, run like
     :func:`tuneguard.aggregators.aggregate` with ``n = h + f`` vectors, ``gar_f`` (default f)
-    as its f and ``gar_params``. Cost: ``len(zetas) + refine`` aggregations per call (20 by
+    as its f and ``gar_params``; or the server's prebuilt :class:`~tuneguard.aggregators.Gar`
+    (the training step passes the run's), which keeps its own parameters and takes only the
+    generator from ``gar_params``. Cost: ``len(zetas) + refine`` aggregations per call (20 by
     default). See :func:`line_search_zeta`.
     """
     assert gar is not None  # checked in _check_adaptive
@@ -244,6 +258,8 @@ def _check_adaptive(h: int, f: int, p: Mapping[str, Any]) -> str | None:
     if gar is None:
         rules = ", ".join(s.name for s in AGGREGATORS.values() if not s.is_pre)
         return f"needs gar=<rule or chain the server uses>, e.g. gar='median'; rules: {rules}"
+    if not isinstance(gar, str | Gar):
+        return f"gar must be a rule or chain name or a Gar; got {type(gar).__name__}"
     if p["base"] not in ("little", "empire"):
         return f"base must be 'little' or 'empire'; got {p['base']!r}"
     refine = p["refine"]
@@ -262,7 +278,7 @@ def _check_adaptive(h: int, f: int, p: Mapping[str, Any]) -> str | None:
     gar_f = f if p["gar_f"] is None else p["gar_f"]
     if f > 0:
         try:
-            check_rule(gar, h + f, gar_f, **dict(gar_params or {}))
+            _as_gar(gar, h + f, gar_f, dict(gar_params or {}))
         except ValueError as err:
             return f"the server's rule cannot run on n = h + f = {h + f} vectors: {err}"
     return None

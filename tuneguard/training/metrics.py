@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import math
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from tuneguard.training.context import RunContext
+
+if TYPE_CHECKING:
+    from tuneguard.aggregators import Gar
 
 
 def vn_ratio(vectors: torch.Tensor) -> float:
@@ -27,15 +32,20 @@ def vn_ratio(vectors: torch.Tensor) -> float:
     return float(spread / norm) if norm > 0 else math.inf
 
 
-def vn_bound(gar: str, n: int, f: int, params: dict | None = None) -> float | None:
+def vn_bound(gar: str | Gar, n: int | None = None, f: int | None = None, params: dict | None = None) -> float | None:
     """1 / kappa_F(n, f): the VN ratio under which the GAR's guarantee holds (None if unknown).
 
-    For chains (``bucketing+krum``) kappa is the final rule's at the vectors it sees.
+    ``gar``: the run's :class:`~tuneguard.aggregators.Gar` (n, f and params are its own), or a
+    rule name with n, f and params. For chains (``bucketing+krum``) kappa is the final rule's
+    at the vectors it sees.
     """
-    from tuneguard.aggregators import chain_kappa
+    from tuneguard.aggregators import Gar, build_gar
 
-    kappa = chain_kappa(gar, n, f, **{k: v for k, v in (params or {}).items() if k != "generator"})
-    return None if kappa is None or kappa <= 0 else 1.0 / kappa
+    if not isinstance(gar, Gar):
+        if n is None or f is None:
+            raise ValueError("vn_bound(name, n, f, params): n and f are required with a rule name")
+        gar = build_gar(gar, n, f, **(params or {}))
+    return gar.vn_bound()
 
 
 @torch.no_grad()
