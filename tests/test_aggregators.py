@@ -401,6 +401,38 @@ def test_bulyan_matches_the_definition_with_repeated_values_and_ties(case):
     assert torch.allclose(aggregate("bulyan", x.float(), f).double(), out, atol=1e-6)
 
 
+def _reference_mda(x: torch.Tensor, f: int) -> torch.Tensor:
+    """MDA by brute force over the kept (n - f)-sets, ties as documented: the smaller sum of
+    squared distances inside, then the smaller coordinate sum, then the lexicographically
+    first excluded set (numpy, float64)."""
+    rows = x.double().numpy()
+    n = len(rows)
+    sq = ((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1)
+    best_key, best = None, None
+    for excl in itertools.combinations(range(n), f):  # lexicographic: first wins exact ties
+        kept = [i for i in range(n) if i not in excl]
+        pairs = [sq[i, j] for i, j in itertools.combinations(kept, 2)]
+        key = (max(pairs, default=0.0), sum(pairs), float(rows[kept].sum()))
+        if best_key is None or key < best_key:
+            best_key, best = key, kept
+    return x[best].mean(0)
+
+
+def test_mda_on_isotropic_input_matches_brute_force():
+    # DP noise makes honest vectors look like isotropic Gaussians: nothing to prune.
+    gen = torch.Generator().manual_seed(4)
+    for f in (3, 6):
+        x = torch.randn(15, 50, generator=gen, dtype=torch.float64)
+        assert torch.allclose(aggregate("mda", x, f), _reference_mda(x, f), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=_rows_with_repeats(min_f=1, max_f=3, extra_n=2))
+def test_mda_matches_brute_force_with_repeated_rows_and_tied_distances(case):
+    x, f = case
+    assert torch.allclose(aggregate("mda", x, f), _reference_mda(x, f), rtol=0, atol=1e-12)
+
+
 def test_trimmed_mean_cuts_f_on_each_side_per_coordinate():
     x = t64([[1, -100], [2, 0], [3, 1], [4, 2], [100, 3]])
     assert aggregate("trimmed_mean", x, 1).tolist() == pytest.approx([3.0, 1.0])
