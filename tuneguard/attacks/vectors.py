@@ -30,18 +30,40 @@ def _repeat(vector: Tensor, f: int) -> Tensor:
     return vector.unsqueeze(0).expand(f, -1).clone()
 
 
-def _honest_std(honest: Tensor) -> Tensor:
-    # Bessel-corrected (h - 1), as torch.var's default in the EPFL code 001 builds on
-    # (attacks/identical.py: grad_stck.var(dim=0).sqrt_()); h = 1 has no spread: 0.
-    # Two passes instead of torch.std(dim=0): ~20x faster on [12, 79510] (strided reductions
-    # over the short dim are slow on CPU), same values to float rounding.
-    h = honest.shape[0]
-    centred = honest - honest.mean(0)
-    return centred.pow_(2).sum(0).div_(max(h - 1, 1)).sqrt_()
+def _honest_mean_std(honest: Tensor) -> tuple[Tensor, Tensor]:
+    """Coordinate-wise mean and standard deviation of the h honest vectors, in one pass.
+
+    Bessel-corrected (h - 1), as torch.var's default in the EPFL code 001 builds on
+    (attacks/identical.py: grad_stck.var(dim=0).sqrt_()); h = 1 has no spread: 0.
+
+    One pass over the rows with the shifted-data sums (shift K = the first row, a sample, so
+    the sums stay on the scale of the spread and sum(d^2) - sum(d)^2 / h does not cancel):
+    the rows are read once, the accumulators stay in cache. A mean, a centred copy and a
+    strided reduction read [h, d] three times (1.7 vs 1.2 ms on [12, 79510], loaded 2-core
+    box); torch.var_mean(dim=0) was 30x slower still.
+    """
+    rows = honest.unbind(0)
+    h, shift = len(rows), rows[0]
+    total = torch.zeros_like(shift)
+    squares = torch.zeros_like(shift)
+    diff = torch.empty_like(shift)
+    for row in rows[1:]:
+        torch.sub(row, shift, out=diff)
+        total += diff
+        squares.addcmul_(diff, diff)
+    mean = total / h
+    var = squares.addcmul_(total, mean, value=-1.0).div_(max(h - 1, 1)).clamp_min_(0.0)
+    return mean.add_(shift), var.sqrt_()
 
 
-def _direction(base: str, honest: Tensor, mean: Tensor) -> Tensor:
-    return -_honest_std(honest) if base == "little" else -mean
+def _mean_and_direction(base: str, honest: Tensor) -> tuple[Tensor, Tensor]:
+    """(g, a) of 001's ``g + zeta a``: little's a = -std, empire's a = -g. Every attack built
+    on them computes ``g + zeta * a`` the same way, so adaptive at little's zeta is little."""
+    if base == "little":
+        mean, std = _honest_mean_std(honest)
+        return mean, std.neg_()
+    mean = honest.mean(dim=0)
+    return mean, -mean
 
 
 def little(honest: Tensor, f: int, zeta: float = 1.0) -> Tensor:
@@ -55,8 +77,8 @@ def little(honest: Tensor, f: int, zeta: float = 1.0) -> Tensor:
     code paper 001 builds on; 0 when h = 1). All f Byzantine workers send b. Default
     :math:`\zeta = 1` (paper 001).
     """
-    mean = honest.mean(dim=0)
-    return _repeat(mean + zeta * _direction("little", honest, mean), f)
+    mean, direction = _mean_and_direction("little", honest)
+    return _repeat(mean + zeta * direction, f)
 
 
 def empire(honest: Tensor, f: int, zeta: float = 1.1) -> Tensor:
@@ -67,8 +89,8 @@ def empire(honest: Tensor, f: int, zeta: float = 1.1) -> Tensor:
 
     Default :math:`\zeta = 1.1` (paper 001; epsilon = 0.1 in Xie et al.).
     """
-    mean = honest.mean(dim=0)
-    return _repeat(mean + zeta * _direction("empire", honest, mean), f)
+    mean, direction = _mean_and_direction("empire", honest)
+    return _repeat(mean + zeta * direction, f)
 
 
 def sign_flip(honest: Tensor, f: int, scale: float = 1.0) -> Tensor:
@@ -156,8 +178,7 @@ def line_search_zeta(
     gar_params = dict(gar_params or {})
     gar_f = f if gar_f is None else gar_f
     server = _as_gar(gar, honest.shape[0] + f, gar_f, gar_params)
-    mean = honest.mean(dim=0)
-    direction = _direction(base, honest, mean)
+    mean, direction = _mean_and_direction(base, honest)
     target = mean.sign() if server.sign_based else mean
     gen = gar_params.get("generator")
     state = gen.get_state() if isinstance(gen, torch.Generator) else None
@@ -219,8 +240,8 @@ def adaptive(
     """
     assert gar is not None  # checked in _check_adaptive
     zeta, _ = line_search_zeta(honest, f, gar, base, gar_params, gar_f, zetas, refine)
-    mean = honest.mean(dim=0)
-    return _repeat(mean + zeta * _direction(base, honest, mean), f)
+    mean, direction = _mean_and_direction(base, honest)
+    return _repeat(mean + zeta * direction, f)
 
 
 def _number(name: str, value: Any, positive: bool = False) -> str | None:
