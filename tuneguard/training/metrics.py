@@ -22,10 +22,15 @@ def vn_ratio(vectors: torch.Tensor) -> float:
     estimated with the unbiased variance sum_i ||G_i - mean||^2 / (k - 1) over the honest
     workers' vectors. NaN when fewer than two vectors; inf when the mean is zero.
     """
+    return _vn_ratio(vectors)
+
+
+def _vn_ratio(vectors: torch.Tensor, mean: torch.Tensor | None = None) -> float:
+    """:func:`vn_ratio`, reusing the rows' ``mean`` where the caller has it (one pass fewer)."""
     k = vectors.shape[0]
     if k < 2:
         return math.nan
-    mean = vectors.mean(0)
+    mean = vectors.mean(0) if mean is None else mean
     # sqrt(sum_i ||G_i - mean||^2) as one norm: no squared temporary, one pass fewer.
     spread = torch.linalg.vector_norm(vectors - mean) / math.sqrt(k - 1)
     norm = mean.norm()
@@ -78,7 +83,7 @@ def honest_metrics(sample: torch.Tensor, submit: torch.Tensor, loss: torch.Tenso
     return {
         "train_loss": float(loss.mean()),
         "vn_sample": vn_ratio(sample),
-        "vn_submit": vn_ratio(submit),
+        "vn_submit": _vn_ratio(submit, honest_mean),
         "grad_norm": float(grad_norm.mean()),
         "clipped_frac": float(clipped_frac.mean()),
         "honest_mean_norm": float(honest_mean.norm()),
@@ -87,4 +92,6 @@ def honest_metrics(sample: torch.Tensor, submit: torch.Tensor, loss: torch.Tenso
 
 def gar_distance(R: torch.Tensor, honest_mean: torch.Tensor) -> float:
     """||R_t - mean of the honest submissions||; inf when the GAR output is not finite."""
-    return float((R - honest_mean).norm()) if torch.isfinite(R).all() else math.inf
+    # A non-finite R gives a non-finite norm: no separate isfinite pass over R.
+    value = float((R - honest_mean).norm())
+    return value if math.isfinite(value) else math.inf
