@@ -691,6 +691,22 @@ def test_float32_far_outliers_do_not_break_distances():
     )
 
 
+def test_float32_centered_clipping_matches_float64():
+    # Its Gram matrix is computed in the input precision (centred on the start): the output
+    # must stay within float32 rounding of the float64 computation, with far outliers and a
+    # large common offset (honest vectors 1e-2 apart around 1e3), at the size where BLAS runs.
+    gen = torch.Generator().manual_seed(1)
+    honest = 1e3 + 1e-2 * torch.randn(12, 3000, generator=gen)
+    for byz in (torch.full((3, 3000), 1e6), honest[:3] + 0.5):
+        x = torch.cat([byz, honest])
+        for params in ({}, {"tau": 0.05, "iterations": 5}):
+            out = aggregate("centered_clipping", x, 3, **params)
+            ref = aggregate("centered_clipping", x.double(), 3, **params)
+            assert out.dtype == torch.float32
+            assert torch.allclose(out.double(), ref, rtol=0, atol=2e-4)  # float32 ulp at 1e3: 6e-5
+            assert float((ref - 1e3).abs().max()) < 1.0  # the outliers are clipped away
+
+
 def test_dtype_and_device_follow_the_input():
     x = torch.randn(15, 8, dtype=torch.float32)
     for name in RULES + CHAINS:
