@@ -247,3 +247,17 @@ def test_a_gar_built_once_gives_the_numbers_of_building_it_each_step(gar, attack
         again, R2 = aggregate_and_update(ctx, theta, vectors, t, gar=run_gar)
         assert torch.equal(R, R2) and torch.equal(new_theta, again)
         theta = new_theta
+
+
+def test_batch_indices_come_from_per_worker_keyed_streams():
+    from tuneguard.data import sample_batch
+
+    a = sample_batch(60_000, 25, 1, 3, 7)
+    assert len(set(a.tolist())) == 25 and a.min() >= 0 and a.max() < 60_000  # without replacement
+    assert (a == sample_batch(60_000, 25, 1, 3, 7)).all()  # a pure function of the key
+    others = [sample_batch(60_000, 25, *key) for key in ((2, 3, 7), (1, 4, 7), (1, 3, 8))]
+    assert all(not (a == o).all() for o in others)  # seed, worker and step each change it
+    full = sample_batch(40, 40, 5, 1, 2)
+    assert sorted(full.tolist()) == list(range(40))  # b = m: a permutation
+    big = sample_batch(1000, 10, 2**70 + 3, 2**30, 2**40)  # fields past the packed key: hashed
+    assert len(set(big.tolist())) == 10 and (big == sample_batch(1000, 10, 2**70 + 3, 2**30, 2**40)).all()
