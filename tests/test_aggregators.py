@@ -691,6 +691,23 @@ def test_float32_far_outliers_do_not_break_distances():
     )
 
 
+@pytest.mark.parametrize("iterations", [2, 3, 4, 5, 8])
+def test_centered_clipping_iterates_the_definition(iterations):
+    # Few iterations run matrix-free, more through the Gram matrix: both must be the formula,
+    # iterated plainly here, with a NaN row contributing nothing and a far one clipped.
+    gen = torch.Generator().manual_seed(iterations)
+    x = torch.randn(13, 40, generator=gen, dtype=torch.float64)
+    x[0] = float("nan")
+    x[1] = 1e6
+    start = x[2:].median(0).values
+    v = start.clone()
+    for _ in range(iterations):
+        d = x[1:] - v
+        v = v + (d * torch.clamp(0.9 / d.norm(dim=1, keepdim=True), max=1.0)).sum(0) / 13
+    got = aggregate("centered_clipping", x, 3, tau=0.9, iterations=iterations, start=start)
+    assert torch.allclose(got, v, rtol=0, atol=1e-12)
+
+
 def test_float32_centered_clipping_matches_float64():
     # Its Gram matrix is computed in the input precision (centred on the start): the output
     # must stay within float32 rounding of the float64 computation, with far outliers and a
