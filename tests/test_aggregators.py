@@ -279,7 +279,7 @@ def _reference_krum_rounds(x: torch.Tensor, f: int, rounds: int) -> list[int]:
     for _ in range(rounds):
         r = len(remaining)
 
-        def key(i: int) -> tuple[float, float, float, int]:
+        def key(i: int, r: int = r) -> tuple[float, float, float, int]:
             others = [sq[i, j] for j in remaining if j != i]
             return (sum(sorted(others)[: r - f - 2]), sum(others), float(rows[i].sum()), i)
 
