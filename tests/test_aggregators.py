@@ -17,7 +17,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tuneguard.aggregators import AGGREGATORS, AggregatorSpec, aggregate, check_rule, resolve
+from tuneguard.aggregators import (
+    AGGREGATORS,
+    AggregatorSpec,
+    Gar,
+    GarRequirementError,
+    aggregate,
+    build_gar,
+    chain_kappa,
+    check_rule,
+    resolve,
+)
 from tuneguard.attacks import craft
 
 RULES = [name for name, spec in AGGREGATORS.items() if not spec.is_pre]
@@ -258,23 +268,37 @@ def test_mda_matches_brute_force_on_n15_f6():
     assert torch.allclose(aggregate("mda", x, 6), x[list(best)].mean(0))
 
 
-def _reference_bulyan(x: torch.Tensor, f: int) -> tuple[list[int], list[float]]:
-    rows = x.tolist()
-    n = len(rows)
-    remaining, chosen = list(range(n)), []
-    sq = lambda a, b: sum((p - q) ** 2 for p, q in zip(rows[a], rows[b], strict=True))  # noqa: E731
-    for _ in range(n - 2 * f - 2):
+def _reference_krum_rounds(x: torch.Tensor, f: int, rounds: int) -> list[int]:
+    """Krum ``rounds`` times without replacement, from the definition (numpy, float64): score =
+    sum of squared distances to the r - f - 2 nearest other remaining rows; ties (documented in
+    krum) to the smaller sum over all remaining others, the smaller coordinate sum, the lower
+    index."""
+    rows = x.double().numpy()
+    sq = ((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1)
+    remaining, chosen = list(range(len(rows))), []
+    for _ in range(rounds):
         r = len(remaining)
-        score = {
-            i: sum(sorted(sq(i, j) for j in remaining if j != i)[: r - f - 2]) for i in remaining
-        }
-        winner = min(remaining, key=lambda i: (score[i], i))
+
+        def key(i: int, r: int = r) -> tuple[float, float, float, int]:
+            others = [sq[i, j] for j in remaining if j != i]
+            return (sum(sorted(others)[: r - f - 2]), sum(others), float(rows[i].sum()), i)
+
+        winner = min(remaining, key=key)
         chosen.append(winner)
         remaining.remove(winner)
+    return chosen
+
+
+def _reference_bulyan(x: torch.Tensor, f: int) -> tuple[list[int], list[float]]:
+    """Bulyan by its definition (El Mhamdi et al. 2018; 001 App. B.4): Krum n - 2f - 2 times,
+    then per coordinate the mean of the beta values closest to the median of the selected set,
+    ties in distance to the lower value (a stable sort of the sorted values by distance)."""
+    n = x.shape[0]
+    chosen = _reference_krum_rounds(x, f, n - 2 * f - 2)
     beta = n - 4 * f - 2
     out = []
-    for k in range(len(rows[0])):
-        values = [rows[i][k] for i in chosen]
+    for k in range(x.shape[1]):
+        values = sorted(float(x[i, k]) for i in chosen)
         med = statistics.median(values)
         out.append(sum(sorted(values, key=lambda v: abs(v - med))[:beta]) / beta)
     return chosen, out
@@ -305,6 +329,108 @@ def test_bulyan_matches_reference_on_random_inputs():
         x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
         x[:f] *= 20
         assert torch.allclose(aggregate("bulyan", x, f), t64(_reference_bulyan(x, f)[1]))
+
+
+def test_bulyan_takes_the_beta_closest_values_not_the_lowest_window_of_equal_reach():
+    # n = 9, f = 1: theta = 5, beta = 3. Five cluster rows (coordinate 0 = 0, 0, 1, 1.5, 5) and
+    # four far rows (1000 along their own axis): stage 1 keeps the cluster. Coordinate 0 of P:
+    # median 1, distances 1, 1, 0, 0.5, 4, so the three closest are 1, 1.5 and one 0: mean
+    # 2.5 / 3. The windows [0, 0, 1] and [0, 1, 1.5] both reach 1; taking the lower one gave
+    # 1 / 3, a value the definition never produces.
+    x = torch.zeros(9, 5, dtype=torch.float64)
+    x[:5, 0] = t64([0.0, 1.5, 0.0, 5.0, 1.0])
+    for k in range(4):
+        x[5 + k, 1 + k] = 1000.0
+    chosen, expected = _reference_bulyan(x, 1)
+    assert sorted(chosen) == [0, 1, 2, 3, 4]
+    out = aggregate("bulyan", x, 1)
+    assert out.tolist() == pytest.approx([2.5 / 3, 0.0, 0.0, 0.0, 0.0], abs=1e-15)
+    assert out.tolist() == pytest.approx(expected, abs=1e-15)
+    # Mirrored, the two 0s become -0s above the median: the closest three are -1, -1.5, -0.
+    assert aggregate("bulyan", -x, 1).tolist() == pytest.approx([-2.5 / 3, 0, 0, 0, 0], abs=1e-15)
+
+
+def test_bulyan_boundary_tie_goes_to_the_lower_value():
+    # n = 9, f = 1, beta = 3, stage 1 keeps the five cluster rows. Coordinate 0 of P is
+    # 1, 2, 3, 5, 6 (median 3): after 3 and 2 the third place is tied between 1 and 5 (distance
+    # 2): the lower, 1, is taken: mean 2. Coordinate 1 is 0, 0, 2, 4, 4 (median 2): two places
+    # after 2, four values at distance 2: the two 0s: mean 2/3. Mirroring the input mirrors the
+    # values but not the rule (the lower value is still preferred): -5 and -4, -4 are taken.
+    x = torch.zeros(9, 6, dtype=torch.float64)
+    x[:5, 0] = t64([5.0, 1.0, 3.0, 6.0, 2.0])
+    x[:5, 1] = t64([4.0, 0.0, 2.0, 4.0, 0.0])
+    for k in range(4):
+        x[5 + k, 2 + k] = 1000.0
+    chosen, expected = _reference_bulyan(x, 1)
+    assert sorted(chosen) == [0, 1, 2, 3, 4]
+    out = aggregate("bulyan", x, 1)
+    assert out[:2].tolist() == pytest.approx([2.0, 2.0 / 3], abs=1e-15)
+    assert out.tolist() == pytest.approx(expected, abs=1e-15)
+    assert aggregate("bulyan", -x, 1)[:2].tolist() == pytest.approx([-10 / 3, -10 / 3], abs=1e-15)
+
+
+def test_bulyan_with_identical_attack_rows_matches_the_definition():
+    # The case that showed the bug: n = 25, f = 5, five identical `little` rows (every vector
+    # attack sends identical rows), d = 1,000.
+    gen = torch.Generator().manual_seed(13)
+    honest = torch.randn(20, 1000, generator=gen, dtype=torch.float64)
+    x = torch.cat([honest, craft("little", honest, 5)])
+    chosen, expected = _reference_bulyan(x, 5)
+    assert set(range(20, 25)) <= set(chosen)  # the attackers are selected: ties in stage 2
+    assert torch.allclose(aggregate("bulyan", x, 5), t64(expected), rtol=0, atol=1e-12)
+
+
+@st.composite
+def _rows_with_repeats(draw, min_f: int = 1, max_f: int = 2, extra_n: int = 4):
+    """Small-integer rows drawn from a pool, so rows repeat and distances tie exactly."""
+    f = draw(st.integers(min_f, max_f))
+    n = draw(st.integers(4 * f + 3, 4 * f + 3 + extra_n))
+    d = draw(st.integers(1, 5))
+    pool = draw(st.lists(st.lists(st.integers(-3, 3), min_size=d, max_size=d), min_size=1, max_size=n))
+    picks = draw(st.lists(st.integers(0, len(pool) - 1), min_size=n, max_size=n))
+    return t64([pool[i] for i in picks]), f
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_rows_with_repeats())
+def test_bulyan_matches_the_definition_with_repeated_values_and_ties(case):
+    x, f = case
+    out = aggregate("bulyan", x, f)
+    assert out.tolist() == pytest.approx(_reference_bulyan(x, f)[1], abs=1e-12)
+    # float32 input: same selection (integers are exact), same output to float32 rounding.
+    assert torch.allclose(aggregate("bulyan", x.float(), f).double(), out, atol=1e-6)
+
+
+def _reference_mda(x: torch.Tensor, f: int) -> torch.Tensor:
+    """MDA by brute force over the kept (n - f)-sets, ties as documented: the smaller sum of
+    squared distances inside, then the smaller coordinate sum, then the lexicographically
+    first excluded set (numpy, float64)."""
+    rows = x.double().numpy()
+    n = len(rows)
+    sq = ((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1)
+    best_key, best = None, None
+    for excl in itertools.combinations(range(n), f):  # lexicographic: first wins exact ties
+        kept = [i for i in range(n) if i not in excl]
+        pairs = [sq[i, j] for i, j in itertools.combinations(kept, 2)]
+        key = (max(pairs, default=0.0), sum(pairs), float(rows[kept].sum()))
+        if best_key is None or key < best_key:
+            best_key, best = key, kept
+    return x[best].mean(0)
+
+
+def test_mda_on_isotropic_input_matches_brute_force():
+    # DP noise makes honest vectors look like isotropic Gaussians: nothing to prune.
+    gen = torch.Generator().manual_seed(4)
+    for f in (3, 6):
+        x = torch.randn(15, 50, generator=gen, dtype=torch.float64)
+        assert torch.allclose(aggregate("mda", x, f), _reference_mda(x, f), rtol=0, atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=_rows_with_repeats(min_f=1, max_f=3, extra_n=2))
+def test_mda_matches_brute_force_with_repeated_rows_and_tied_distances(case):
+    x, f = case
+    assert torch.allclose(aggregate("mda", x, f), _reference_mda(x, f), rtol=0, atol=1e-12)
 
 
 def test_trimmed_mean_cuts_f_on_each_side_per_coordinate():
@@ -382,6 +508,44 @@ def test_nnm_mixes_each_vector_with_its_n_minus_f_nearest():
     # Duplicates: each vector still counts itself.
     y = t64([[0.0], [0.0], [0.0], [9.0], [9.0]])
     assert nnm(y, 2).flatten().tolist() == pytest.approx([0.0, 0.0, 0.0, 6.0, 6.0])
+
+
+def _reference_nnm(x: torch.Tensor, f: int) -> list[list[float]]:
+    """NNM by its definition (Allouah et al. 2023): each row becomes the mean of its n - f
+    nearest rows, itself first, ties in distance to the lower index (numpy, float64)."""
+    rows = x.double().numpy()
+    n = len(rows)
+    sq = ((rows[:, None, :] - rows[None, :, :]) ** 2).sum(-1)
+    out = []
+    for i in range(n):
+        nbrs = sorted(range(n), key=lambda j: (j != i, sq[i, j], j))[: n - f]
+        out.append(rows[nbrs].mean(0).tolist())
+    return out
+
+
+def test_nnm_breaks_ties_by_index():
+    # n = 5, f = 2: three neighbours each, itself included. Row 0 is at distance 1 from rows 1,
+    # 2 and 3: it takes 1 and 2, the lower indices: (0 + 1 - 1) / 3. Row 2 has row 0 nearest,
+    # then rows 1 and 3 tied (distance 2): row 1. Rows 1 and 3 are identical and take each
+    # other and row 0; row 4 takes rows 1 and 3 (tied with each other, nothing else closer).
+    x = t64([[0.0], [1.0], [-1.0], [1.0], [5.0]])
+    out = AGGREGATORS["nnm"].fn(x, 2).flatten().tolist()
+    assert out == pytest.approx([0.0, 2 / 3, 0.0, 2 / 3, 7 / 3])
+    assert out == pytest.approx([r[0] for r in _reference_nnm(x, 2)])
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_rows_with_repeats(min_f=0, max_f=3))
+def test_nnm_matches_the_definition_and_identical_rows_mix_identically(case):
+    x, f = case
+    out = AGGREGATORS["nnm"].fn(x, f)
+    assert torch.allclose(out, t64(_reference_nnm(x, f)), rtol=0, atol=1e-12)
+    # Identical rows pick the same neighbours (or equal-valued ones): the same vector, up to
+    # the rounding of the matrix product (BLAS may round rows of one product differently).
+    scale = 1e-14 * (1.0 + float(x.abs().max()))
+    for i, j in itertools.combinations(range(x.shape[0]), 2):
+        if torch.equal(x[i], x[j]):
+            assert torch.allclose(out[i], out[j], rtol=0, atol=scale)
 
 
 def test_bucketing_averages_random_buckets_of_size_s():
@@ -527,6 +691,39 @@ def test_float32_far_outliers_do_not_break_distances():
     )
 
 
+@pytest.mark.parametrize("iterations", [2, 3, 4, 5, 8])
+def test_centered_clipping_iterates_the_definition(iterations):
+    # Few iterations run matrix-free, more through the Gram matrix: both must be the formula,
+    # iterated plainly here, with a NaN row contributing nothing and a far one clipped.
+    gen = torch.Generator().manual_seed(iterations)
+    x = torch.randn(13, 40, generator=gen, dtype=torch.float64)
+    x[0] = float("nan")
+    x[1] = 1e6
+    start = x[2:].median(0).values
+    v = start.clone()
+    for _ in range(iterations):
+        d = x[1:] - v
+        v = v + (d * torch.clamp(0.9 / d.norm(dim=1, keepdim=True), max=1.0)).sum(0) / 13
+    got = aggregate("centered_clipping", x, 3, tau=0.9, iterations=iterations, start=start)
+    assert torch.allclose(got, v, rtol=0, atol=1e-12)
+
+
+def test_float32_centered_clipping_matches_float64():
+    # Its Gram matrix is computed in the input precision (centred on the start): the output
+    # must stay within float32 rounding of the float64 computation, with far outliers and a
+    # large common offset (honest vectors 1e-2 apart around 1e3), at the size where BLAS runs.
+    gen = torch.Generator().manual_seed(1)
+    honest = 1e3 + 1e-2 * torch.randn(12, 3000, generator=gen)
+    for byz in (torch.full((3, 3000), 1e6), honest[:3] + 0.5):
+        x = torch.cat([byz, honest])
+        for params in ({}, {"tau": 0.05, "iterations": 5}):
+            out = aggregate("centered_clipping", x, 3, **params)
+            ref = aggregate("centered_clipping", x.double(), 3, **params)
+            assert out.dtype == torch.float32
+            assert torch.allclose(out.double(), ref, rtol=0, atol=2e-4)  # float32 ulp at 1e3: 6e-5
+            assert float((ref - 1e3).abs().max()) < 1.0  # the outliers are clipped away
+
+
 def test_dtype_and_device_follow_the_input():
     x = torch.randn(15, 8, dtype=torch.float32)
     for name in RULES + CHAINS:
@@ -563,3 +760,57 @@ def test_blocked_float32_gram_matches_float64(d):
     assert torch.allclose(got, ref, rtol=1e-12, atol=0.0)
     for name in ("mda", "krum", "multi_krum", "bulyan"):
         assert torch.allclose(aggregate(name, x, 3).to(torch.float64), aggregate(name, x64, 3), rtol=0, atol=1e-6), name
+
+
+# ---------------------------------------------------------------------------------------
+# Gar: a rule or chain built once
+
+
+@pytest.mark.parametrize("name", RULES + CHAINS)
+def test_gar_aggregates_as_aggregate_does(name):
+    n, f = 15, 2 if name == "bulyan" else 3
+    x = torch.randn(n, 30, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    gar = build_gar(name, n=n, f=f)
+    assert torch.equal(gar(x), aggregate(name, x, f))
+    assert gar.kappa() == chain_kappa(name, n, f)
+    assert gar.randomized == any(s.randomized for s in resolve(name))
+    assert gar.sign_based == resolve(name)[-1].sign_based
+    if gar.randomized:  # the step's generator goes to the shuffle; same draw as aggregate's
+        again = gar(x, generator=torch.Generator().manual_seed(11))
+        assert torch.equal(again, aggregate(name, x, f, generator=torch.Generator().manual_seed(11)))
+        assert not torch.equal(again, gar(x, generator=torch.Generator().manual_seed(12)))
+
+
+def test_gar_checks_once_with_a_typed_error_and_keeps_its_metadata():
+    with pytest.raises(GarRequirementError, match="krum needs n >= 2f \\+ 3; got n=7, f=3. With n=7 use f <= 2"):
+        build_gar("nnm+krum", n=7, f=3)
+    with pytest.raises(GarRequirementError, match="after bucketing, krum sees n=4 vectors out of 7"):
+        build_gar("bucketing+krum", n=7, f=1, s=2)
+    with pytest.raises(GarRequirementError, match="m must be an integer with 1 <= m <= n - f"):
+        build_gar("multi_krum", n=9, f=2, m=8)
+    assert issubclass(GarRequirementError, ValueError)
+    for bad, message in (("krumm", "unknown aggregation rule"), ("krum", "takes no parameter 's'")):
+        with pytest.raises(ValueError, match=message) as err:
+            build_gar(bad, n=9, f=2, s=2)
+        assert not isinstance(err.value, GarRequirementError)
+    gar = build_gar("bucketing+krum", n=15, f=2, s=2)
+    assert (gar.name, gar.n, gar.f, dict(gar.params)) == ("bucketing+krum", 15, 2, {"s": 2})
+    assert [s.name for s in gar.specs] == ["bucketing", "krum"] and gar.counts == (15, 8)
+    assert gar.kappa() == AGGREGATORS["krum"].kappa(8, 2) and gar.vn_bound() == 1 / gar.kappa()
+    assert gar.kappa(15, 1) == chain_kappa("bucketing+krum", 15, 1, s=2)
+    assert gar.with_f(1).f == 1 and gar.with_f(2) is gar
+    assert build_gar("geometric_median", n=9, f=2).kappa() is None
+    with pytest.raises(ValueError, match="built for n=15 vectors; got 14"):
+        gar(torch.zeros(14, 3))
+    back = pickle.loads(pickle.dumps(gar))
+    assert isinstance(back, Gar) and (back.name, back.n, back.f, dict(back.params)) == ("bucketing+krum", 15, 2, {"s": 2})
+
+
+def test_build_gar_from_an_experiment_config():
+    from tuneguard.config import build_config
+
+    cfg = build_config({"n_workers": 15, "f": 2, "gar": {"name": "bucketing+median", "params": {"s": 3}}})
+    gar = build_gar(cfg)
+    assert (gar.name, gar.n, gar.f, dict(gar.params)) == ("bucketing+median", 15, 2, {"s": 3})
+    with pytest.raises(ValueError, match="takes n, f and the parameters from the config"):
+        build_gar(cfg, n=15)

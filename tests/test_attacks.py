@@ -47,6 +47,24 @@ def test_little_formula():
     assert craft("little", HONEST[:1], 1).tolist() == [[1.0, 2.0]]  # one honest vector: std 0
 
 
+def test_little_is_accurate_in_float32_under_a_large_common_offset():
+    # The one-pass std must not cancel: values 1000 + 0.01 N(0, 1) in float32 (squares ~1e6,
+    # float32 ulp 0.06 there, six orders above the variance 1e-4).
+    gen = torch.Generator().manual_seed(2)
+    honest64 = 1000.0 + 0.01 * torch.randn(12, 5000, generator=gen, dtype=torch.float64)
+    honest = honest64.float()
+    std64 = honest.double().std(dim=0)
+    out = craft("little", honest, 3)
+    assert out.dtype == torch.float32 and torch.equal(out[0], out[2])
+    # to the float32 resolution of the output (ulp 6.1e-5 at 1000); a cancelling formula would
+    # be off by ~0.06 / 0.01 in relative terms
+    spread = honest.double().mean(dim=0) - out[0].double()
+    assert torch.allclose(spread, std64, rtol=1e-3, atol=1.5e-4)
+    # and h = 2 (Bessel: the two values' distance / sqrt 2)
+    two = craft("little", honest[:2], 1)[0].double()
+    assert torch.allclose(honest[:2].double().mean(0) - two, honest[:2].double().std(0), rtol=1e-3, atol=1.5e-4)
+
+
 def test_empire_and_sign_flip_formulas():
     expected = torch.tensor([[-0.3, -0.6]] * 3, dtype=torch.float64)
     assert torch.allclose(craft("empire", HONEST, 3), expected)  # (1 - 1.1) * mean

@@ -84,13 +84,13 @@ def test_tune_overhead_tables(runs):
 
 def test_grid_projection_tables(runs):
     text, nums = runs["grid"]
-    per_b = table(text, "| b | runs | step (ms) | floor fwd+bwd (ms) | step / floor | projected h | floor h |")
+    per_b = table(text, "| b | runs | step (ms) | true floor (ms) | step / floor | projected h | floor h |")
     assert [int(r[0]) for r in per_b] == [25, 50, 150, 300, 500, 750, 1000, 1250, 1500]
     assert sum(int(r[1]) for r in per_b) == 2025
     assert all(number(c) > 0 for r in per_b for c in r[2:])
     totals = {r[0]: r[1:] for r in table(text, "| | hours | share | per run (s) |")}
     assert number(totals["**projected total**"][0]) > 0
-    floor = next(v for k, v in totals.items() if k.startswith("floor"))
+    floor = next(v for k, v in totals.items() if k.startswith("true floor"))
     assert number(floor[0]) > 0
     assert "target" in totals
     cells = table(text, "| GAR, f, attack | b = 25 |")

@@ -221,3 +221,43 @@ def test_model_init_is_seeded_locally_and_thread_safe():
     with ThreadPoolExecutor(4) as pool:
         for params in pool.map(build, range(8)):
             assert all(torch.equal(a, b) for a, b in zip(reference, params, strict=True))
+
+
+@pytest.mark.parametrize("gar,attack", [
+    ({"name": "bucketing+krum", "params": {"s": 2}}, {"name": "adaptive", "params": {}}),
+    ("nnm+median", "little"),
+])
+def test_a_gar_built_once_gives_the_numbers_of_building_it_each_step(gar, attack, data_dir):
+    # What an engine does with the run's Gar: build it once (build_gar(cfg)) and hand it to the
+    # step functions. It must not change a number, randomised chains and GAR-aware attacks
+    # included (they get the same step generator either way).
+    from tuneguard.aggregators import build_gar
+    from tuneguard.training.step import aggregate_and_update, byzantine_vectors, worker_round
+
+    cfg = small(n_workers=9, f=1, gar=gar, attack=attack)
+    ctx = build_context(cfg)
+    run_gar = build_gar(cfg)
+    theta = ctx.initial_theta()
+    for t in range(2):
+        honest = worker_round(ctx, theta, None, list(range(cfg.n_honest)), t)
+        byz = byzantine_vectors(ctx, honest.submit, t)
+        assert torch.equal(byz, byzantine_vectors(ctx, honest.submit, t, gar=run_gar))
+        vectors = torch.cat([honest.submit, byz])
+        new_theta, R = aggregate_and_update(ctx, theta, vectors, t)
+        again, R2 = aggregate_and_update(ctx, theta, vectors, t, gar=run_gar)
+        assert torch.equal(R, R2) and torch.equal(new_theta, again)
+        theta = new_theta
+
+
+def test_batch_indices_come_from_per_worker_keyed_streams():
+    from tuneguard.data import sample_batch
+
+    a = sample_batch(60_000, 25, 1, 3, 7)
+    assert len(set(a.tolist())) == 25 and a.min() >= 0 and a.max() < 60_000  # without replacement
+    assert (a == sample_batch(60_000, 25, 1, 3, 7)).all()  # a pure function of the key
+    others = [sample_batch(60_000, 25, *key) for key in ((2, 3, 7), (1, 4, 7), (1, 3, 8))]
+    assert all(not (a == o).all() for o in others)  # seed, worker and step each change it
+    full = sample_batch(40, 40, 5, 1, 2)
+    assert sorted(full.tolist()) == list(range(40))  # b = m: a permutation
+    big = sample_batch(1000, 10, 2**70 + 3, 2**30, 2**40)  # fields past the packed key: hashed
+    assert len(set(big.tolist())) == 10 and (big == sample_batch(1000, 10, 2**70 + 3, 2**30, 2**40)).all()

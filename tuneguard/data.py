@@ -193,9 +193,22 @@ def sample_batch(m: int, b: int, seed: int, worker: int, step: int) -> np.ndarra
     """b indices drawn without replacement from range(m) (001: subsampling without replacement).
 
     numpy's Generator.choice uses a set-based draw for b << m, so this costs O(b), not O(m).
+    The generator is Philox keyed directly by (seed, purpose, worker, step): a counter-based
+    generator gives independent streams for distinct keys (Salmon et al., SC 2011) without
+    hashing a seed first. default_rng(stream_seed(...)) hashed twice (two SeedSequences): 111
+    vs 53 us per worker and step, ~0.7 ms of a b = 25 step with 12 workers.
     """
-    rng = np.random.default_rng(stream_seed(seed, PURPOSE_BATCH, worker, step))
-    return rng.choice(m, size=b, replace=False)
+    return np.random.Generator(np.random.Philox(key=_philox_key(seed, PURPOSE_BATCH, worker, step))).choice(
+        m, size=b, replace=False
+    )
+
+
+def _philox_key(seed: int, purpose: int, worker: int, step: int) -> list[int]:
+    """Philox's 128-bit key: the seed (mod 2^64) in one word, purpose | worker | step packed in
+    the other (8, 24 and 32 bits); fields too large for that go through stream_seed instead."""
+    if 0 <= purpose < 1 << 8 and 0 <= worker < 1 << 24 and 0 <= step < 1 << 32:
+        return [seed % (1 << 64), (purpose << 56) | (worker << 32) | step]
+    return [seed % (1 << 64), stream_seed(seed, purpose, worker, step)]
 
 
 def torch_generator(seed: int, purpose: int, worker: int, step: int, device: str | torch.device) -> torch.Generator:

@@ -4,6 +4,7 @@
 >>> out = aggregate("krum", vectors, f=3)                    # vectors: Tensor[n, d]
 >>> out = aggregate("bucketing+median", vectors, f=3, s=2)   # chain: pre-aggregation + rule
 >>> AGGREGATORS["bulyan"].check(n=15, f=3); AGGREGATORS["mda"].kappa(15, 3)
+>>> gar = build_gar("nnm+krum", n=15, f=3)   # checked once; gar(vectors), gar.kappa()
 
 Rules: average, krum, multi_krum, mda, median, trimmed_mean, geometric_median, bulyan,
 centered_clipping, sign_majority; pre-aggregation wrappers: nnm, bucketing (chain them with
@@ -27,11 +28,15 @@ from . import pre  # noqa: F401
 
 # isort: on
 from ._chain import aggregate, chain_kappa, check_rule, resolve
-from ._spec import AGGREGATORS, AggregatorSpec, Registry, register
+from ._gar import Gar, build_gar
+from ._spec import AGGREGATORS, AggregatorSpec, GarRequirementError, Registry, register
 
 __all__ = [
     "AGGREGATORS",
     "AggregatorSpec",
+    "Gar",
+    "GarRequirementError",
+    "build_gar",
     "chain_kappa",
     "Registry",
     "aggregate",

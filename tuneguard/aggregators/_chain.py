@@ -80,7 +80,7 @@ def _plan(
             if i == 0:
                 raise
             before = "+".join(s.name for s in specs[:i])
-            raise ValueError(
+            raise type(err)(
                 f"{err} (in {name!r}: after {before}, {spec.name} sees n={count} vectors out of {n})"
             ) from None
         if spec.is_pre:

@@ -143,8 +143,13 @@ class Geometry(NamedTuple):
     row_sum: Tensor  # [n] float64: sum of each input's coordinates, a last-resort tie-break
 
 
-def geometry(x: Tensor, center: Tensor | None = None) -> Geometry:
-    """Gram matrix of ``x - center`` (``center=None``: of ``x``) and squared distances."""
+def geometry(x: Tensor, center: Tensor | None = None, *, gram_dtype: torch.dtype = torch.float64) -> Geometry:
+    """Gram matrix of ``x - center`` (``center=None``: of ``x``) and squared distances.
+
+    ``gram_dtype``: the product is accumulated in float64 by default (see the module notes);
+    ``x.dtype`` computes it in the input precision (one BLAS call, no float64 copies) for rules
+    whose centre sits among the inputs, where nothing cancels (centered clipping). The matrix
+    is stored in float64 either way."""
     row_sum = x.sum(dim=1)
     bad = ~torch.isfinite(row_sum)
     any_bad = bool(bad.any())
@@ -158,7 +163,11 @@ def geometry(x: Tensor, center: Tensor | None = None) -> Geometry:
         y = clean - center
         if any_bad:
             y = torch.where(bad[:, None], torch.zeros((), dtype=x.dtype, device=x.device), y)
-    gram = _gram64(y)
+    n, d = y.shape
+    if gram_dtype == y.dtype and y.dtype != torch.float64 and n * n * d > _SMALL_GRAM:
+        gram = (y @ y.T).to(torch.float64)
+    else:
+        gram = _gram64(y)
     gram = 0.5 * (gram + gram.T)  # exactly symmetric, so tied distances compare equal
     sq = gram.diagonal()
     # A finite vector whose squared norm overflows (or nearly) is as unusable as a NaN one.

@@ -44,6 +44,15 @@ class Registry(dict[str, V], Generic[V]):
         return spec
 
 
+class GarRequirementError(ValueError):
+    """A rule or chain cannot run with these (n, f) or parameter values: its requirement fails.
+
+    A ``ValueError`` (so existing ``except ValueError`` keep working); unknown rule or
+    parameter names stay plain ``ValueError``. The message names the requirement and what
+    would satisfy it.
+    """
+
+
 def _check_count(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -131,7 +140,7 @@ class AggregatorSpec:
         if problem is None:
             return
         if problem != "linear":
-            raise ValueError(f"{self.name}: {problem}")
+            raise GarRequirementError(f"{self.name}: {problem}")
         hints = []
         max_f = self._max_f_or_none(n)
         hints.append(
@@ -141,7 +150,7 @@ class AggregatorSpec:
         if min_n is not None:
             hints.append(f"with f={f} use n >= {min_n}")
         hint = ", or ".join(hints)
-        raise ValueError(
+        raise GarRequirementError(
             f"{self.name} needs {self.requirement}; got n={n}, f={f}. {hint[0].upper()}{hint[1:]}"
         )
 

@@ -108,7 +108,12 @@ def centered_clipping(
         start = start.to(device=vectors.device, dtype=vectors.dtype)
     if start is None:
         start = coordinate_median(nan_to_tails(vectors))
-    geo = geometry(vectors, center=start)
+    if iterations <= _CC_MATRIX_FREE_MAX_ITER:
+        return _centered_clipping_matrix_free(vectors, start, tau, iterations)
+    # The Gram matrix in the input precision: centred on the start, |y_i|^2 and |y_i - v_l|^2
+    # are of one scale, so float32 loses nothing that matters to a clip factor (~1e-6), and an
+    # entry for two honest vectors never sees a far Byzantine one.
+    geo = geometry(vectors, center=start, gram_dtype=vectors.dtype)
     good = (~geo.bad).to(torch.float64)
     coef = torch.zeros(n, dtype=torch.float64, device=vectors.device)
     tiny = torch.finfo(torch.float64).tiny
@@ -122,6 +127,48 @@ def centered_clipping(
         scale = (tau_t / dist.clamp_min(tiny)).clamp_max(1.0) * good
         coef = coef + (scale - scale.sum() * coef) / n
     return combine(geo, coef)
+
+
+# Up to this many iterations the matrix-free form (two matrix-vector passes per iteration) is
+# cheaper than one n x n Gram product: on the 2-core AMD box fp32 GEMM runs at ~7 GFLOP/s, so
+# the [15, 79510] Gram costs ~2.5 ms, eight passes over the vectors (0.3 ms each).
+_CC_MATRIX_FREE_MAX_ITER = 4
+
+
+def _centered_clipping_matrix_free(vectors: Tensor, start: Tensor, tau: float | None, iterations: int) -> Tensor:
+    """Centered clipping with y = g - start and v_l = start + z_l, z_l = Y^T a_l:
+    ``|y_i - z_l|^2 = |y_i|^2 - 2 y_i . z_l + |z_l|^2`` from one matrix-vector product Y z_l per
+    iteration (and Y^T a_l for z_l itself). The same arithmetic as the Gram form, in the input
+    precision (centred on the start, so nothing cancels that a clip factor needs). Passes over
+    the n x d inputs: 2 + 2L - 1 (7 for L = 3), against ByzFL's ~4 per iteration."""
+    n = vectors.shape[0]
+    dev = vectors.device
+    y = vectors - start
+    sq = torch.linalg.vector_norm(y, dim=1).to(torch.float64).square()
+    # A row holding NaN/Inf (or too large to square) contributes nothing, as in geometry().
+    bad = ~torch.isfinite(sq) | (sq > torch.finfo(torch.float64).max / 8)
+    if bool(bad.any()):
+        y = torch.where(bad[:, None], torch.zeros((), dtype=y.dtype, device=dev), y)
+        sq = torch.where(bad, torch.zeros((), dtype=sq.dtype, device=dev), sq)
+    good = (~bad).to(torch.float64)
+    tiny = torch.finfo(torch.float64).tiny
+    if tau is None:
+        tau_t = torch.where(bad, torch.full_like(sq, float("inf")), sq.sqrt()).median()
+    else:
+        tau_t = torch.tensor(float(tau), dtype=torch.float64, device=dev)
+    coef = torch.zeros(n, dtype=torch.float64, device=dev)
+    yz = torch.zeros(n, dtype=torch.float64, device=dev)  # y_i . z_l
+    zz = torch.zeros((), dtype=torch.float64, device=dev)  # |z_l|^2
+    z = torch.zeros_like(start)
+    for it in range(iterations):
+        dist = (sq - 2.0 * yz + zz).clamp_min(0.0).sqrt()
+        scale = (tau_t / dist.clamp_min(tiny)).clamp_max(1.0) * good
+        coef = coef + (scale - scale.sum() * coef) / n
+        z = coef.to(y.dtype) @ y
+        if it + 1 < iterations:
+            yz = (y @ z).to(torch.float64)
+            zz = torch.dot(z, z).to(torch.float64)
+    return start + z
 
 
 def _positive(name: str, value: Any, integer: bool = False, allow_none: bool = False) -> str | None:

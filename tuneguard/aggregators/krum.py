@@ -98,10 +98,17 @@ def bulyan(vectors: Tensor, f: int) -> Tensor:
     :math:`\mathrm{median}_{p \in P}\, p[k]` (mean of the two middle values when
     :math:`\theta` is even). Needs :math:`n \ge 4f + 3`.
 
+    Ties in distance to the median (repeated values, which identical attack rows make common,
+    or two values at the same distance on either side) are broken towards the lower value:
+    :math:`B_k` is the first :math:`\beta` of the sorted values stably re-sorted by distance.
+    The output depends only on the multiset of selected values, so the rule stays
+    permutation-invariant.
+
     The distance matrix is computed once; every Krum round re-scores a masked sub-matrix.
-    The beta closest values to the median are a contiguous window of the sorted values, so
-    stage 2 picks, per coordinate, the window whose farther end is closest to the median
-    (ties: the lower window).
+    Stage 2 needs no sort by distance: the :math:`\beta`-th smallest distance :math:`r` is the
+    smallest reach (farther end's distance) of the :math:`2f + 1` windows of :math:`\beta`
+    consecutive sorted values, and :math:`B_k` holds every value closer than :math:`r` plus
+    the lowest values at distance exactly :math:`r` to fill :math:`\beta` places.
     """
     n = vectors.shape[0]
     theta, beta = n - 2 * f - 2, n - 4 * f - 2
@@ -127,23 +134,37 @@ def bulyan(vectors: Tensor, f: int) -> Tensor:
 
 def _mean_closest_to_median(srt: Tensor, beta: int) -> Tensor:
     """Per column of the sorted ``srt`` ``[theta, d]``, the mean of the beta values closest to
-    the median. They form a window of consecutive sorted values; the winner is the window
-    whose farther end is closest to the median (ties: the lower window). Windows are scanned
-    in Python (there are only 2f + 1): an argmin along dim 0 is slow on CPU."""
+    the median, ties in distance to the lower value (a stable sort of ``srt`` by distance).
+
+    Why not "the window whose farther end is closest": with repeated values several windows
+    share the smallest reach, and the lowest of them may hold a value at distance r where a
+    higher one holds a closer value instead (sorted [0, 0, 1, 1.5, 5], beta = 3: the windows
+    [0, 0, 1] and [0, 1, 1.5] both reach 1, only the second is the three closest). The reach
+    still gives the beta-th smallest distance r exactly; the selection is then made by
+    counting. Windows are scanned in Python (there are only 2f + 1): an argmin or a sort along
+    dim 0 is slow on CPU.
+    """
     theta = srt.shape[0]
     lo, hi = (theta - 1) // 2, theta // 2
     med = srt[lo] if lo == hi else 0.5 * srt[lo] + 0.5 * srt[hi]
-    best_reach = best_sum = None
+    # |x - med| along sorted x falls then rises, so a window's farthest value is one of its
+    # ends, and the smallest reach over windows is the beta-th smallest distance (exactly: a
+    # - b == -(b - a) in floating point, so both sides compute the same distances).
+    r = None
     for s in range(theta - beta + 1):
         reach = torch.maximum(med - srt[s], srt[s + beta - 1] - med)
-        total = srt[s : s + beta].sum(dim=0)
-        if best_reach is None:
-            best_reach, best_sum = reach, total
-            continue
-        better = reach < best_reach
-        best_reach = torch.where(better, reach, best_reach)
-        best_sum = torch.where(better, total, best_sum)
-    return best_sum / beta
+        r = reach if r is None else torch.minimum(r, reach)
+    dist = (srt - med).abs_()
+    closer = dist < r
+    zero = torch.zeros((), dtype=srt.dtype, device=srt.device)
+    total = torch.where(closer, srt, zero).sum(dim=0)
+    # The places left after the strictly closer values go to values at distance exactly r,
+    # lowest first (they sit at med - r below the median, med + r above it).
+    left = beta - closer.sum(dim=0)
+    at_r = dist == r
+    take = at_r & (at_r.cumsum(dim=0) <= left)
+    total += torch.where(take, srt, zero).sum(dim=0)
+    return total / beta
 
 
 def _check_m(n: int, f: int, params: Mapping[str, Any]) -> str | None:

@@ -81,8 +81,11 @@ def mda(vectors: Tensor, f: int) -> Tensor:
     count). With the pairs sorted by decreasing distance, the diameter of the complement of E
     is the distance of the first pair with neither end in E; at most f(n-1) - f(f-1)/2 pairs
     touch E, so only that many + 1 leading pairs are ever looked at. The f-sets come from a
-    cached index tensor (and, for n <= 62, int64 bitmasks: "pair touches E" is one AND),
-    processed in chunks. Ties in diameter (they happen: excluding either
+    cached index tensor. For n <= 62 they are int64 bitmasks ("pair touches E" is one AND)
+    and the search filters them pair by pair, keeping those that touch every pair so far,
+    until none is left (:func:`_smallest_diameter_sets`): no branch-and-bound, so isotropic
+    inputs (DP noise) cost the same as any other. Larger n checks all sets against all lead
+    pairs, in chunks. Ties in diameter (they happen: excluding either
     end of the longest pair may leave the same diameter) go to the smaller sum of squared
     distances inside the kept set, then to the smaller sum of coordinates, then to the
     lexicographically first E.
@@ -103,6 +106,11 @@ def mda(vectors: Tensor, f: int) -> Tensor:
     one = torch.ones((), dtype=torch.int64, device=device)
     pair_bits = (one << pa) | (one << pb)
     zero = torch.zeros((), dtype=pd.dtype, device=device)
+
+    if masks is not None:
+        tied = _smallest_diameter_sets(masks, pair_bits, pd)
+        _, _, j = _break_tie(geo, sets[tied].long(), n)
+        return _mean_without(vectors, sets[tied[j]])
 
     chunk = max(1, _CHUNK_ELEMENTS // max(pd.numel(), n))
     best: tuple[float, float, float, int] | None = None  # (diameter, *tie keys, index)
@@ -125,9 +133,45 @@ def mda(vectors: Tensor, f: int) -> Tensor:
         if best is None or candidate[:-1] < best[:-1]:
             best = candidate
     assert best is not None
-    excluded = torch.zeros(n, dtype=torch.bool, device=device)
-    excluded[sets[best[-1]].long()] = True
-    return vectors[~excluded].mean(dim=0)
+    return _mean_without(vectors, sets[best[-1]])
+
+
+def _mean_without(vectors: Tensor, excluded_set: Tensor) -> Tensor:
+    """Mean of the rows not in ``excluded_set``; index_select is ~2x faster than a boolean
+    mask on CPU (same rows, same order, same numbers)."""
+    n = vectors.shape[0]
+    keep = torch.ones(n, dtype=torch.bool, device=vectors.device)
+    keep[excluded_set.long()] = False
+    return vectors.index_select(0, keep.nonzero().squeeze(1)).mean(dim=0)
+
+
+def _smallest_diameter_sets(masks: Tensor, pair_bits: Tensor, pd: Tensor) -> Tensor:
+    """Indices (ascending) of the excluded f-sets whose kept sets have the smallest diameter.
+
+    The diameter of a kept set is the distance of the first pair, in decreasing order, that its
+    excluded set E does not touch; the best E touch the longest prefix of pairs. So filter:
+    keep the sets that touch pair 0, then pair 1, ... until none is left at some pair k. The
+    winners then all have diameter pd[k]: the sets still alive before the first pair at that
+    same distance (equal distances are ties, whichever of them a set misses first). With DP
+    noise the inputs look isotropic and no pruning bound helps, but the alive sets shrink
+    geometrically, so this touches a few times C(n, f) masks instead of C(n, f) x the lead
+    pairs of the one-shot scan.
+    """
+    alive = torch.arange(masks.shape[0], device=masks.device)
+    alive_masks = masks
+    history = [alive]
+    for k in range(pair_bits.shape[0]):
+        keep = (alive_masks & pair_bits[k]) != 0
+        nxt = keep.nonzero().squeeze(1)
+        if nxt.numel() == 0:
+            d_k = pd[k]
+            start = k
+            while start > 0 and bool(pd[start - 1] == d_k):
+                start -= 1
+            return history[start]
+        alive, alive_masks = alive[nxt], alive_masks[nxt]
+        history.append(alive)
+    raise AssertionError("some f-set touched every lead pair: _lead_pairs is wrong")
 
 
 def _break_tie(geo: Geometry, excluded_sets: Tensor, n: int) -> tuple[float, float, int]:

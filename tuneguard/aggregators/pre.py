@@ -27,7 +27,8 @@ def nnm(vectors: Tensor, f: int) -> Tensor:
     .. math:: \tilde g_i = \frac{1}{n - f} \sum_{j \in N_i} g_j
 
     where :math:`N_i` holds the :math:`n - f` vectors closest to :math:`g_i`, itself included
-    (ties broken by index). Returns n vectors; the next stage sees the same n and f. Needs
+    (ties in distance go to the lower index, so identical inputs get identical outputs).
+    Returns n vectors; the next stage sees the same n and f. Needs
     :math:`n \ge 2f + 1`. A non-finite input is infinitely far from the others, so it is in
     no finite vector's neighbourhood; it is passed on unchanged (still non-finite) for the next
     rule to discard.
@@ -36,7 +37,9 @@ def nnm(vectors: Tensor, f: int) -> Tensor:
     geo = geometry(vectors)
     d = geo.sqdist.clone()
     d.fill_diagonal_(-1.0)  # a vector is always its own neighbour, even among duplicates
-    nbrs = d.topk(n - f, dim=1, largest=False).indices
+    # A stable sort, not topk: topk does not order ties, and identical rows then picked
+    # different neighbours among equidistant ones (so got different outputs).
+    nbrs = torch.sort(d, dim=1, stable=True).indices[:, : n - f]
     mix = torch.zeros((n, n), dtype=vectors.dtype, device=vectors.device)
     mix.scatter_(1, nbrs, 1.0 / (n - f))
     if not bool(geo.bad.any()):

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 
 from tuneguard.training.context import RunContext
+
+if TYPE_CHECKING:
+    from tuneguard.aggregators import Gar
 
 
 def vn_ratio(vectors: torch.Tensor) -> float:
@@ -17,25 +21,35 @@ def vn_ratio(vectors: torch.Tensor) -> float:
     estimated with the unbiased variance sum_i ||G_i - mean||^2 / (k - 1) over the honest
     workers' vectors. NaN when fewer than two vectors; inf when the mean is zero.
     """
+    return _vn_ratio(vectors)
+
+
+def _vn_ratio(vectors: torch.Tensor, mean: torch.Tensor | None = None) -> float:
+    """:func:`vn_ratio`, reusing the rows' ``mean`` where the caller has it (one pass fewer)."""
     k = vectors.shape[0]
     if k < 2:
         return math.nan
-    mean = vectors.mean(0)
+    mean = vectors.mean(0) if mean is None else mean
     # sqrt(sum_i ||G_i - mean||^2) as one norm: no squared temporary, one pass fewer.
     spread = torch.linalg.vector_norm(vectors - mean) / math.sqrt(k - 1)
     norm = mean.norm()
     return float(spread / norm) if norm > 0 else math.inf
 
 
-def vn_bound(gar: str, n: int, f: int, params: dict | None = None) -> float | None:
+def vn_bound(gar: str | Gar, n: int | None = None, f: int | None = None, params: dict | None = None) -> float | None:
     """1 / kappa_F(n, f): the VN ratio under which the GAR's guarantee holds (None if unknown).
 
-    For chains (``bucketing+krum``) kappa is the final rule's at the vectors it sees.
+    ``gar``: the run's :class:`~tuneguard.aggregators.Gar` (n, f and params are its own), or a
+    rule name with n, f and params. For chains (``bucketing+krum``) kappa is the final rule's
+    at the vectors it sees.
     """
-    from tuneguard.aggregators import chain_kappa
+    from tuneguard.aggregators import Gar, build_gar
 
-    kappa = chain_kappa(gar, n, f, **{k: v for k, v in (params or {}).items() if k != "generator"})
-    return None if kappa is None or kappa <= 0 else 1.0 / kappa
+    if not isinstance(gar, Gar):
+        if n is None or f is None:
+            raise ValueError("vn_bound(name, n, f, params): n and f are required with a rule name")
+        gar = build_gar(gar, n, f, **(params or {}))
+    return gar.vn_bound()
 
 
 @torch.no_grad()
@@ -68,7 +82,7 @@ def honest_metrics(sample: torch.Tensor, submit: torch.Tensor, loss: torch.Tenso
     return {
         "train_loss": float(loss.mean()),
         "vn_sample": vn_ratio(sample),
-        "vn_submit": vn_ratio(submit),
+        "vn_submit": _vn_ratio(submit, honest_mean),
         "grad_norm": float(grad_norm.mean()),
         "clipped_frac": float(clipped_frac.mean()),
         "honest_mean_norm": float(honest_mean.norm()),
@@ -77,4 +91,6 @@ def honest_metrics(sample: torch.Tensor, submit: torch.Tensor, loss: torch.Tenso
 
 def gar_distance(R: torch.Tensor, honest_mean: torch.Tensor) -> float:
     """||R_t - mean of the honest submissions||; inf when the GAR output is not finite."""
-    return float((R - honest_mean).norm()) if torch.isfinite(R).all() else math.inf
+    # A non-finite R gives a non-finite norm: no separate isfinite pass over R.
+    value = float((R - honest_mean).norm())
+    return value if math.isfinite(value) else math.inf

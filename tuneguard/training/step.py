@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -32,6 +33,9 @@ from tuneguard.data import (
     torch_generator,
 )
 from tuneguard.training.context import RunContext
+
+if TYPE_CHECKING:
+    from tuneguard.aggregators import Gar
 
 
 @dataclass
@@ -122,9 +126,17 @@ def worker_round(
 
 
 def byzantine_vectors(
-    ctx: RunContext, honest_submit: torch.Tensor, step: int, flipped: WorkerOutput | None = None
+    ctx: RunContext,
+    honest_submit: torch.Tensor,
+    step: int,
+    flipped: WorkerOutput | None = None,
+    gar: Gar | None = None,
 ) -> torch.Tensor:
-    """Step 3: the f Byzantine vectors (omniscient, colluding: they see all honest submissions)."""
+    """Step 3: the f Byzantine vectors (omniscient, colluding: they see all honest submissions).
+
+    ``gar``: the run's :class:`~tuneguard.aggregators.Gar` (built once per run with
+    ``build_gar(ctx.cfg)``); GAR-aware attacks run it. ``None`` builds one (same numbers).
+    """
     from tuneguard.attacks import ATTACKS, craft
 
     cfg = ctx.cfg
@@ -136,37 +148,45 @@ def byzantine_vectors(
     spec = ATTACKS[cfg.attack.name]
     params = dict(cfg.attack.params)
     if "gar" in spec.params and "gar" not in params:  # GAR-aware attacks target the run's GAR
-        params["gar"] = cfg.gar.name
+        params["gar"] = _run_gar(ctx, gar)
         if "gar_params" in spec.params and "gar_params" not in params:
-            params["gar_params"] = gar_params(ctx, step)
+            params["gar_params"] = gar_params(ctx, step, params["gar"])
     if spec.needs_generator:
         params["generator"] = torch_generator(cfg.seed, PURPOSE_ATTACK, 0, step, ctx.device)
     return craft(cfg.attack.name, honest_submit, cfg.f, **params)
 
 
-def gar_params(ctx: RunContext, step: int) -> dict:
+def _run_gar(ctx: RunContext, gar: Gar | None) -> Gar:
+    from tuneguard.aggregators import build_gar
+
+    return build_gar(ctx.cfg) if gar is None else gar
+
+
+def gar_params(ctx: RunContext, step: int, gar: Gar | None = None) -> dict:
     """The GAR's parameters at this step; randomised rules (bucketing) get the step's generator.
 
     GAR-aware attacks receive the same parameters, generator included: the omniscient attacker
     of 001 knows the server's randomness, the strongest assumption.
     """
-    from tuneguard.aggregators import resolve
-
     cfg = ctx.cfg
     params = dict(cfg.gar.params)
-    if any(s.name == "bucketing" for s in resolve(cfg.gar.name)) and "generator" not in params:
+    if _run_gar(ctx, gar).randomized and "generator" not in params:
         params["generator"] = torch_generator(cfg.seed, PURPOSE_GAR, 0, step, ctx.device)
     return params
 
 
 def aggregate_and_update(
-    ctx: RunContext, theta: torch.Tensor, vectors: torch.Tensor, step: int
+    ctx: RunContext, theta: torch.Tensor, vectors: torch.Tensor, step: int, gar: Gar | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Step 4: R_t = GAR(vectors); returns (theta_{t+1}, R_t). ``theta`` is not modified."""
-    from tuneguard.aggregators import aggregate
+    """Step 4: R_t = GAR(vectors); returns (theta_{t+1}, R_t). ``theta`` is not modified.
 
+    ``gar``: the run's :class:`~tuneguard.aggregators.Gar`, built once per run with
+    ``build_gar(ctx.cfg)`` (its requirement checked then); ``None`` builds one per call.
+    """
     cfg = ctx.cfg
-    R = aggregate(cfg.gar.name, vectors, cfg.f, **gar_params(ctx, step))
+    gar = _run_gar(ctx, gar)
+    generator = gar_params(ctx, step, gar).get("generator") if gar.randomized else None
+    R = gar(vectors, generator=generator)
     # theta - lr (R + wd theta) as (1 - lr wd) theta - lr R: one pass over d instead of three.
     new_theta = torch.add(theta * (1.0 - cfg.lr * cfg.weight_decay) if cfg.weight_decay else theta, R, alpha=-cfg.lr)
     return new_theta, R
