@@ -64,8 +64,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("grouped", [False, True], ids=["im2col", "grouped-kernel"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_ghost_equals_generic_and_the_naive_loop_float64(name):
+def test_ghost_equals_generic_and_the_naive_loop_float64(name, grouped, monkeypatch):
+    # the direct formula by im2col + bmm, or by the grouped weight-gradient kernel, for every layer
+    monkeypatch.setattr(clipping, "GROUPED_MIN_POSITIONS", 0 if grouped else 10**9)
     build, shape, classes = CASES[name]
     torch.manual_seed(0)
     model = build().double()

@@ -127,7 +127,8 @@ def supports_fast_path(model: nn.Module) -> bool:
 
 
 #: what the generic path costs, for the fallback notice (benchmarks/clipping.py, BENCHMARKS.md)
-GENERIC_COST = "per-example gradients materialised with torch.func, ~30-200x a non-private step"
+GENERIC_COST = ("per-example gradients materialised by torch.func: 2-3x a non-private step for small CNNs, "
+                "100-200x for MLPs, BENCHMARKS.md")
 
 
 def fast_path_blocker(model: nn.Module) -> str | None:
@@ -589,6 +590,10 @@ def _unfold(a: Tensor, k: tuple, stride: tuple, dilation: tuple, pad: tuple) -> 
 KEEP_PER_EXAMPLE_BYTES = 128 * 2**20
 #: None: the cheaper conv norm formula; "ghost" / "direct": that one (tests check both agree)
 _FORCE_FORMULA: str | None = None
+#: the direct formula by a grouped weight-gradient call instead of im2col + bmm, for layers
+#: with at least this many output positions
+_GROUPED_DIRECT = True
+GROUPED_MIN_POSITIONS = 256
 
 
 def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor | None]:
@@ -610,6 +615,28 @@ def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
     if not ghost and n * p * D * elem <= KEEP_PER_EXAMPLE_BYTES:
         keep = torch.empty(n, p * D, dtype=dtype, device=dev)
     out = torch.empty(n, dtype=dtype, device=dev)
+    if not ghost and _GROUPED_DIRECT and len(geo) == 1 and L >= GROUPED_MIN_POSITIONS:
+        # direct formula through the conv's own weight-gradient kernel with one group per
+        # example (input [1, c C, H, W], grads [1, c p, L]): the per-example gradients without
+        # an im2col copy, which dominated ResNet-style layers (large L, small p and D); below
+        # GROUPED_MIN_POSITIONS im2col + bmm measured faster (benchmarks/clipping.py --conv)
+        (a4, k, st, dl, pad), g = geo[0]
+        g4 = g.unsqueeze(2) if type(mod) is nn.Conv1d else g
+        c = _chunk(n, p * D + a4[0].numel() + g4[0].numel(), elem)
+        wshape = (p, D // (k[0] * k[1]), k[0], k[1])
+        for s in range(0, n, c):
+            aa, gg = a4[s : s + c], g4[s : s + c]
+            cc = aa.shape[0]
+            per_ex = torch.nn.grad.conv2d_weight(
+                aa.reshape(1, -1, *aa.shape[2:]), (cc * p, *wshape[1:]), gg.reshape(1, -1, *gg.shape[2:]),
+                st, pad, dl, cc * groups,
+            ).view(cc, -1)
+            if keep is not None:
+                keep[s : s + cc] = per_ex
+            out[s : s + cc] = per_ex.square().sum(1)
+        if mod.bias is not None:
+            out += g.reshape(n, p, -1).sum(2).square().sum(1)
+        return out, keep
     for s in range(0, n, c):
         As, Gs = [], []
         for (a4, k, st, dl, pad), g in geo:
