@@ -125,20 +125,30 @@ def test_no_clip_equals_plain_mean_gradient_per_worker(mlp64):
     model.zero_grad(set_to_none=True)
 
 
-def test_generic_on_cnn_matches_naive_loop():
+def test_cnn_generic_and_ghost_match_naive_loop():
     torch.manual_seed(2)
     model = cnn().double()
     x, y = data(shape=(1, 14, 14), seed=2)
-    assert not supports_fast_path(model)
+    assert supports_fast_path(model)  # Conv2d + Linear: the ghost path (tests/test_clipping_conv.py)
     per, loss = per_example(model, x, y)
     c = mid_clip(per.norm(dim=2))
     oracle = clip_mean(per, c)
-    for method in ("generic", "auto"):
+    for method in ("generic", "auto", "fast", "ghost"):
         res = clipped_gradients(model, x, y, c, method=method)
         torch.testing.assert_close(res.grads, oracle, rtol=0, atol=1e-10)
         torch.testing.assert_close(res.loss, loss, rtol=0, atol=1e-10)
-    with pytest.raises(ValueError, match="method='fast' needs an nn.Sequential"):
-        clipped_gradients(model, x, y, c, method="fast")
+
+
+def test_fast_refuses_a_layer_without_a_norm_rule():
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.PReLU(4), nn.Flatten(), nn.Linear(4 * 12 * 12, 10)).double()
+    x, y = data(shape=(1, 14, 14), seed=2)
+    assert not supports_fast_path(model)
+    with pytest.raises(ValueError, match=r"method='fast' needs an MLP .*layer '1' \(PReLU\)"):
+        clipped_gradients(model, x, y, 1.0, method="fast")
+    per, _ = per_example(model, x, y)
+    res = clipped_gradients(model, x, y, 1.0)  # auto: the generic path
+    torch.testing.assert_close(res.grads, clip_mean(per, 1.0), rtol=0, atol=1e-10)
 
 
 def test_generic_chunking_gives_the_same_result(mlp64, monkeypatch):
@@ -177,15 +187,22 @@ def test_fast_path_other_activations_and_vector_inputs(layers):
 
 
 def test_supports_fast_path():
-    assert supports_fast_path(mlp())
-    assert supports_fast_path(nn.Sequential(nn.Linear(3, 2)))
-    assert not supports_fast_path(cnn())
-    assert not supports_fast_path(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 2)))
-    assert not supports_fast_path(nn.Sequential(nn.Flatten(start_dim=2), nn.Linear(4, 2)))
-    assert not supports_fast_path(nn.Sequential(nn.ReLU()))
-    assert not supports_fast_path(nn.Linear(3, 2))
+    from tuneguard.privacy.clipping import _fast_layers
+
+    # the MLP path: nn.Sequential of an optional leading Flatten, Linear and activations
+    assert _fast_layers(mlp()) is not None
+    assert _fast_layers(nn.Sequential(nn.Linear(3, 2))) is not None
+    assert _fast_layers(cnn()) is None
+    assert _fast_layers(nn.Sequential(nn.Flatten(), nn.Linear(4, 4), nn.Dropout(), nn.Linear(4, 2))) is None
+    assert _fast_layers(nn.Sequential(nn.Flatten(start_dim=2), nn.Linear(4, 2))) is None
     shared = nn.Linear(4, 4)
-    assert not supports_fast_path(nn.Sequential(shared, nn.ReLU(), shared))
+    assert _fast_layers(nn.Sequential(shared, nn.ReLU(), shared)) is None
+    # everything whose parameters sit in layers with a ghost-norm rule is fast too
+    for model in (mlp(), cnn(), nn.Linear(3, 2), nn.Sequential(shared, nn.ReLU(), shared),
+                  nn.Sequential(nn.Flatten(start_dim=2), nn.Linear(4, 2))):
+        assert supports_fast_path(model)
+    assert not supports_fast_path(nn.Sequential(nn.ReLU()))  # no parameters
+    assert not supports_fast_path(nn.Sequential(nn.Linear(3, 3), nn.PReLU()))
 
 
 def test_model_is_left_untouched(mlp64):

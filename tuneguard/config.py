@@ -24,8 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tuneguard.safeyaml import YamlError, short
 
-# Training-set sizes before any partition: the 001 preprocessing doubles Fashion-MNIST's train
-# set with horizontally flipped images.
+# Training-set sizes of the built-in datasets before any partition (the 001 preprocessing
+# doubles Fashion-MNIST's train set with flipped images); other datasets' sizes are known once
+# loaded. Read from tuneguard.data.DATASETS.
 TRAIN_SIZES = {"mnist": 60_000, "fashion_mnist": 120_000}
 
 
@@ -138,7 +139,7 @@ class PartitionConfig(_Strict):
     """
 
     kind: Literal["iid", "by_class", "dirichlet"] = "iid"
-    classes_per_worker: int = Field(1, ge=1, le=10)
+    classes_per_worker: int = Field(1, ge=1, description="checked against the dataset's number of classes")
     alpha: float = Field(0.5, gt=0)
 
     @model_validator(mode="before")
@@ -172,9 +173,21 @@ class ExperimentConfig(_Strict):
     """One training run. Defaults: the 001 Fashion-MNIST setting (DESIGN.md)."""
 
     name: str = Field("tuneguard", description="MLflow experiment name")
-    dataset: Literal["mnist", "fashion_mnist"] = "fashion_mnist"
+    # --- data and model (tuneguard.data, tuneguard.models) ---
+    dataset: str = Field(
+        "fashion_mnist",
+        description="mnist | fashion_mnist | torchvision:NAME (e.g. torchvision:CIFAR10) | package.module:callable",
+    )
+    dataset_params: dict[str, Any] = Field(
+        default_factory=dict, description="arguments of the torchvision class or the callable (e.g. split: digits)"
+    )
     data_dir: str | None = Field(None, description="torchvision root; else TUNEGUARD_DATA_DIR, else a cache dir")
-    model: Literal["mlp_001", "mlp_003", "logreg", "cnn"] = "mlp_001"
+    model: str = Field(
+        "mlp_001", description="built-in (mlp_001, mlp_003, logreg, cnn, convnet, resnet_gn) or package.module:callable"
+    )
+    model_params: dict[str, Any] = Field(
+        default_factory=dict, description="keyword arguments of the model builder (built-ins: see `tuneguard list`)"
+    )
     n_workers: int = Field(15, ge=1, le=MAX_WORKERS, description="n: all workers, honest and Byzantine")
     f: int = Field(3, ge=0, description="number of Byzantine workers")
     attack: RuleConfig = Field(default_factory=lambda: RuleConfig(name="little"))
@@ -194,6 +207,37 @@ class ExperimentConfig(_Strict):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     engine: Literal["local", "actors"] = "local"
     actors: ActorsConfig = Field(default_factory=ActorsConfig)
+
+    @field_validator("dataset")
+    @classmethod
+    def _dataset_known(cls, v: str) -> str:
+        from tuneguard.data import check_dataset_name
+
+        return check_dataset_name(v)
+
+    @field_validator("model")
+    @classmethod
+    def _model_known(cls, v: str) -> str:
+        from tuneguard.models import check_model_name
+
+        return check_model_name(v)
+
+    def _check_data_and_model(self) -> None:
+        """Parameters against what the dataset / model takes; when the dataset's shape is known
+        without loading it (built-ins), the model is built and validated here, before any run."""
+        from tuneguard.data import DATASETS, check_dataset_params
+        from tuneguard.models import check_model, check_model_params
+
+        check_dataset_params(self.dataset, self.dataset_params)
+        check_model_params(self.model, self.model_params)
+        spec = DATASETS.get(self.dataset)
+        if spec is not None:
+            check_model(self.model, self.model_params, spec.input_shape, spec.num_classes)
+        if spec is not None and self.partition.kind == "by_class" and self.partition.classes_per_worker > spec.num_classes:
+            raise ValueError(
+                f"partition.classes_per_worker={self.partition.classes_per_worker} exceeds the "
+                f"{spec.num_classes} classes of {self.dataset}"
+            )
 
     @field_validator("clip")
     @classmethod
@@ -233,10 +277,11 @@ class ExperimentConfig(_Strict):
                 f"privacy.mode={self.privacy.mode!r} needs per-example clipping (clip > 0): the noise is "
                 "calibrated to the clipped sensitivity 2C/b; set clip or privacy.mode: none"
             )
-        if self.partition.kind == "iid":
+        if self.partition.kind == "iid" and self.dataset in TRAIN_SIZES:
             m = TRAIN_SIZES[self.dataset]
             if self.batch_size > m:
                 raise ValueError(f"batch_size={self.batch_size} exceeds the {m} examples each worker holds")
+        self._check_data_and_model()
         self._check_registries()
         self._check_memory()
         return self

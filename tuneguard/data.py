@@ -1,7 +1,28 @@
-"""Datasets (MNIST, Fashion-MNIST through torchvision), 001's preprocessing, worker partitions
-and per-step batch sampling.
+"""Datasets, 001's preprocessing, worker partitions and per-step batch sampling.
 
-Data lives as tensors on the training device: no DataLoader, no per-step copies. The data
+``dataset:`` in a config is one of
+
+- a built-in (:data:`DATASETS`): ``mnist``, ``fashion_mnist`` with 001's preprocessing (MNIST
+  normalised with mean 0.1307, std 0.3081; Fashion-MNIST's train set doubled with horizontally
+  flipped images), read straight from torchvision's IDX files;
+- ``torchvision:NAME``: any torchvision dataset class (``torchvision:CIFAR10``,
+  ``torchvision:EMNIST`` with ``dataset_params: {split: digits}``, ``torchvision:FakeData``),
+  built with ``dataset_params`` for train and test (``train=True/False`` or
+  ``split="train"/"test"``, whichever the class takes; a class with neither is split 5:1 with a
+  fixed seed). Images become float tensors in [0, 1], standardised per channel with the train
+  set's mean and std. Files are downloaded when they are absent and the data directory allows
+  it (see below; ``dataset_params: {download: true}`` forces it);
+- ``package.module:callable``: called with ``dataset_params`` (plus ``root=`` the data
+  directory when it takes a ``root`` or ``data_dir`` argument). It returns
+  ``(train_x, train_y, test_x, test_y)`` tensors / arrays, or ``(train, test)`` torch datasets
+  of ``(x, label)`` items, or a :class:`Dataset`. Its preprocessing is kept as is (uint8 images
+  are scaled to [0, 1]). The module must be importable on every node (installed, or on
+  ``PYTHONPATH``); the data are loaded once per job by the driver and shipped to Ray actors.
+
+Input shape and number of classes come from the data (``Dataset.input_shape``,
+``Dataset.num_classes``: the largest label + 1), never from constants.
+
+Data live as tensors on the training device: no DataLoader, no per-step copies. The data
 directory is, in order: an explicit ``data_dir``, ``$TUNEGUARD_DATA_DIR``, then a user cache
 dir (``$XDG_CACHE_HOME/tuneguard/datasets``) where torchvision may download.
 """
@@ -9,24 +30,63 @@ dir (``$XDG_CACHE_HOME/tuneguard/datasets``) where torchvision may download.
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import os
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from tuneguard.aggregators._spec import Registry
+
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 _TV_NAMES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
+TORCHVISION_PREFIX = "torchvision:"
 
 
 class DataNotFoundError(RuntimeError):
     """The dataset is not on disk and could not be downloaded."""
 
 
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message names it and what is expected."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A built-in dataset: what it is, its shape and size after preprocessing, and the paper
+    whose preprocessing it follows. Config validation reads the shape to build and check the
+    model before any run."""
+
+    name: str
+    description: str
+    torchvision_class: str
+    input_shape: tuple[int, ...]
+    num_classes: int
+    train_size: int
+    preprocessing: str
+    reference: str = ""
+
+
+DATASETS: Registry[DatasetSpec] = Registry("dataset")
+DATASETS.register(DatasetSpec(
+    "mnist", "handwritten digits, 28x28 grey", "MNIST", (1, 28, 28), 10, 60_000,
+    "pixels in [0, 1], normalised with mean 0.1307, std 0.3081", "paper 001, section 4.1",
+))
+DATASETS.register(DatasetSpec(
+    "fashion_mnist", "Zalando clothing images, 28x28 grey", "FashionMNIST", (1, 28, 28), 10, 120_000,
+    "pixels in [0, 1]; train set expanded with horizontally flipped images", "paper 001, section 4.1",
+))
+
+
 @dataclass(frozen=True)
 class Dataset:
-    """Preprocessed tensors: images [N, 1, 28, 28] float32, labels [N] int64."""
+    """Preprocessed tensors: inputs [N, *input_shape] (float32, or integer token ids), labels [N] int64."""
 
     name: str
     train_x: torch.Tensor
@@ -34,9 +94,16 @@ class Dataset:
     test_x: torch.Tensor
     test_y: torch.Tensor
 
-    @property
+    @functools.cached_property
     def num_classes(self) -> int:
-        return 10
+        """The largest label + 1, over train and test: derived from the data the same way in
+        every process (Ray actors rebuild the Dataset from its tensors)."""
+        top = max(int(self.train_y.max()), int(self.test_y.max()) if self.test_y.numel() else 0)
+        return top + 1
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
 
     def to(self, device: str | torch.device) -> Dataset:
         return Dataset(self.name, *(t.to(device) for t in (self.train_x, self.train_y, self.test_x, self.test_y)))
@@ -57,20 +124,104 @@ def resolve_data_dir(data_dir: str | os.PathLike | None = None) -> tuple[Path, b
     return default_cache_dir(), True
 
 
-def load_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
-    """Load and preprocess a dataset as in 001 section 4.1 (CPU tensors; cached per process).
+# Names and parameters ---------------------------------------------------------------------------
+_TV_CLASS = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
-    MNIST: pixels in [0, 1] normalised with mean 0.1307, std 0.3081. Fashion-MNIST: pixels in
-    [0, 1]; the train set is expanded with horizontally flipped images (120,000 examples).
+
+def check_dataset_name(name: str) -> str:
+    """``name`` if it names a dataset tuneguard can load, else a ValueError saying what is allowed.
+
+    Built-ins and import paths are checked fully (the module is imported); ``torchvision:NAME``
+    is checked against torchvision's dataset classes (importing torchvision once, ~3 s).
     """
+    if name in DATASETS:
+        return name
+    if name.startswith(TORCHVISION_PREFIX):
+        _torchvision_class(name)
+        return name
+    if ":" in name:
+        from tuneguard.models import resolve_callable
+
+        resolve_callable(name, "dataset")
+        return name
+    raise ValueError(
+        f"dataset={name!r} is not a built-in ({', '.join(DATASETS)}), a torchvision dataset "
+        "(torchvision:CIFAR10, torchvision:EMNIST, ...) nor an import path package.module:callable"
+    )
+
+
+def _torchvision_class(name: str) -> Any:
+    cls_name = name[len(TORCHVISION_PREFIX):]
+    if not _TV_CLASS.match(cls_name):
+        raise ValueError(f"dataset={name!r}: write torchvision:ClassName, e.g. torchvision:CIFAR10")
+    try:
+        import torchvision.datasets as tvd
+    except ImportError as err:
+        raise ValueError(f"dataset={name!r} needs torchvision ({err}); pip install torchvision") from None
+    cls = getattr(tvd, cls_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.utils.data.Dataset)):
+        valid = sorted(k for k, v in vars(tvd).items() if isinstance(v, type) and issubclass(v, torch.utils.data.Dataset)
+                       and not k.startswith("_") and k not in ("VisionDataset", "DatasetFolder", "ImageFolder"))
+        raise ValueError(f"dataset={name!r}: torchvision.datasets has no dataset class {cls_name!r}; "
+                         f"classes: {', '.join(valid)}")
+    return cls
+
+
+#: arguments tuneguard sets itself when building a torchvision dataset
+_TV_MANAGED = ("root", "train", "transform", "target_transform")
+
+
+def check_dataset_params(name: str, params: Mapping[str, Any]) -> None:
+    """Built-ins take no parameters; a torchvision class / a callable is checked against its
+    signature."""
+    if name in DATASETS:
+        if params:
+            raise ValueError(f"dataset {name!r} takes no dataset_params (got {sorted(params)}); "
+                             f"its preprocessing is fixed: {DATASETS[name].preprocessing}")
+        return
+    if name.startswith(TORCHVISION_PREFIX):
+        fn, managed = _torchvision_class(name), _TV_MANAGED
+    else:
+        from tuneguard.models import resolve_callable
+
+        fn, managed = resolve_callable(name, "dataset"), ()
+    bad = sorted(set(params) & set(managed))
+    if bad:
+        raise ValueError(f"dataset {name!r}: dataset_params {bad} are set by tuneguard (train/test, root, "
+                         "transforms); use data_dir for the root")
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return
+    accepts_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    unknown = sorted(k for k in params if k not in sig.parameters and k != "download")
+    if unknown and not accepts_kwargs:
+        allowed = [k for k in sig.parameters if k not in managed and k != "self"]
+        raise ValueError(f"dataset {name!r} takes dataset_params {', '.join(allowed) or 'none'}; unknown: {unknown}")
+
+
+# Loading ----------------------------------------------------------------------------------------
+def load_dataset(name: str, data_dir: str | os.PathLike | None = None, params: Mapping[str, Any] | None = None) -> Dataset:
+    """Load and preprocess a dataset (CPU tensors; cached per process). See the module docstring."""
     root, may_download = resolve_data_dir(data_dir)
-    return _load_cached(name, str(root.resolve()), may_download)
+    key = json.dumps(dict(params or {}), sort_keys=True, default=str)
+    return _load_cached(name, str(root.resolve()), may_download, key)
 
 
 @functools.lru_cache(maxsize=4)
-def _load_cached(name: str, root: str, may_download: bool) -> Dataset:
-    if name not in _TV_NAMES:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(_TV_NAMES)}")
+def _load_cached(name: str, root: str, may_download: bool, params_json: str = "{}") -> Dataset:
+    params = json.loads(params_json)
+    if name in DATASETS:
+        check_dataset_params(name, params)
+        return _load_builtin(name, root, may_download)
+    if name.startswith(TORCHVISION_PREFIX):
+        return _load_torchvision(name, root, may_download, params)
+    if ":" in name:
+        return _load_callable(name, root, params)
+    raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(DATASETS)}, torchvision:NAME, package.module:callable")
+
+
+def _load_builtin(name: str, root: str, may_download: bool) -> Dataset:
     train_x, train_y, test_x, test_y = _raw_tensors(name, root, may_download)
     train_x, test_x = _to_float(train_x), _to_float(test_x)
     if name == "mnist":
@@ -80,6 +231,169 @@ def _load_cached(name: str, root: str, may_download: bool) -> Dataset:
         train_x = torch.cat([train_x, train_x.flip(-1)])
         train_y = torch.cat([train_y, train_y])
     return Dataset(name, train_x.contiguous(), train_y.long(), test_x.contiguous(), test_y.long())
+
+
+def _load_torchvision(name: str, root: str, may_download: bool, params: dict[str, Any]) -> Dataset:
+    check_dataset_params(name, params)
+    cls = _torchvision_class(name)
+    sig = inspect.signature(cls)
+    params = dict(params)
+    download = params.pop("download", None)
+    if download is None:
+        download = may_download
+
+    def build(split: str | None) -> Any:
+        kw = dict(params)
+        if "root" in sig.parameters:
+            kw["root"] = root
+        if split is not None:
+            if "train" in sig.parameters:
+                kw["train"] = split == "train"
+            elif "split" in sig.parameters and "split" not in params:
+                kw["split"] = split
+        if "download" in sig.parameters:
+            kw["download"] = bool(download)
+        try:
+            return cls(**kw)
+        except (RuntimeError, FileNotFoundError, OSError) as err:
+            hint = (
+                f"{name} ({split or 'all'}) could not be loaded from {root}: {type(err).__name__}: {err}\n"
+                "Point tuneguard at a folder holding it in torchvision's layout with --data-dir or the "
+                "TUNEGUARD_DATA_DIR environment variable, or run once with network access (no data_dir "
+                f"set: torchvision downloads into {default_cache_dir()}; or dataset_params: {{download: true}})."
+            )
+            raise DataNotFoundError(hint) from None
+
+    splits_known = "train" in sig.parameters or ("split" in sig.parameters and "split" not in params)
+    if splits_known:
+        train_x, train_y = _items_to_tensors(build("train"), name)
+        test_x, test_y = _items_to_tensors(build("test"), name)
+    else:
+        # no train/test argument (FakeData, or `split` pinned by the user): a fixed 5:1 split
+        x, y = _items_to_tensors(build(None), name)
+        perm = torch.from_numpy(np.random.default_rng(np.random.SeedSequence([0xDA7A, len(y)])).permutation(len(y)))
+        cut = len(y) - max(1, len(y) // 6)
+        train_x, train_y, test_x, test_y = x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]
+    # per-channel standardisation with the train set's statistics (channel = dim 1)
+    dims = [0] + list(range(2, train_x.dim()))
+    mean = train_x.mean(dim=dims, keepdim=True)
+    std = train_x.std(dim=dims, keepdim=True).clamp_min(1e-6)
+    train_x, test_x = (train_x - mean) / std, (test_x - mean) / std
+    return Dataset(name, train_x.contiguous(), train_y, test_x.contiguous(), test_y)
+
+
+def _items_to_tensors(ds: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A torch dataset of (image, label) items as [N, C, H, W] float32 in [0, 1] and [N] int64.
+
+    torchvision's MNIST family and CIFAR keep all images in ``data``: read them at once instead of
+    decoding N PIL images one by one (minutes for CIFAR-10 on two cores)."""
+    import torchvision.datasets as tvd
+
+    if isinstance(ds, tvd.MNIST) and isinstance(ds.data, torch.Tensor):
+        return _to_float(ds.data), torch.as_tensor(ds.targets).long()
+    if isinstance(ds, tvd.CIFAR10) and isinstance(ds.data, np.ndarray):  # CIFAR100 subclasses it
+        x = torch.from_numpy(ds.data).permute(0, 3, 1, 2).float().div_(255.0)
+        return x.contiguous(), torch.as_tensor(ds.targets).long()
+    return _generic_items(ds, name)
+
+
+def _generic_items(ds: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    xs, ys = [], []
+    for i in range(len(ds)):
+        item = ds[i]
+        if not (isinstance(item, (tuple, list)) and len(item) >= 2):
+            raise DataError(f"dataset {name!r}: item {i} is a {type(item).__name__}; expected (input, label) pairs")
+        x, y = item[0], item[1]
+        xs.append(_as_tensor(x))
+        if isinstance(y, torch.Tensor):
+            y = y.item() if y.numel() == 1 else y
+        if isinstance(y, (np.integer,)):
+            y = int(y)
+        if not isinstance(y, int):
+            raise DataError(f"dataset {name!r}: item {i} has label {y!r}; tuneguard trains classifiers on integer labels")
+        ys.append(y)
+    if not xs:
+        raise DataError(f"dataset {name!r} is empty")
+    shapes = {tuple(t.shape) for t in xs}
+    if len(shapes) != 1:
+        raise DataError(f"dataset {name!r}: inputs have different shapes {sorted(shapes)[:3]}; give them one shape")
+    return torch.stack(xs), torch.tensor(ys, dtype=torch.int64)
+
+
+def _as_tensor(x: Any) -> torch.Tensor:
+    """One input as a tensor: PIL images and uint8 arrays become float [C, H, W] in [0, 1]."""
+    if isinstance(x, torch.Tensor):
+        t = x
+    elif isinstance(x, np.ndarray):
+        t = torch.from_numpy(np.ascontiguousarray(x))
+    else:
+        try:  # a PIL image
+            from torchvision.transforms.functional import pil_to_tensor
+
+            t = pil_to_tensor(x)
+        except (ImportError, TypeError) as err:
+            raise DataError(f"cannot turn a {type(x).__name__} input into a tensor ({err})") from None
+    if t.dtype == torch.uint8:
+        t = t.float().div_(255.0)
+    return t
+
+
+def _load_callable(name: str, root: str, params: dict[str, Any]) -> Dataset:
+    from tuneguard.models import resolve_callable
+
+    check_dataset_params(name, params)
+    fn = resolve_callable(name, "dataset")
+    kw = dict(params)
+    try:
+        sig = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        sig = {}
+    for key in ("root", "data_dir"):
+        if key in sig and key not in kw:
+            kw[key] = root
+    result = fn(**kw)
+    if isinstance(result, Dataset):
+        return _checked(name, result.train_x, result.train_y, result.test_x, result.test_y)
+    if isinstance(result, (tuple, list)) and len(result) == 4:
+        tx, ty, vx, vy = (_as_array_tensor(t) for t in result)
+        return _checked(name, tx, ty, vx, vy)
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        (tx, ty), (vx, vy) = (_split_tensors(part, name) for part in result)
+        return _checked(name, tx, ty, vx, vy)
+    raise DataError(
+        f"dataset {name!r} returned a {type(result).__name__}; return (train_x, train_y, test_x, test_y), "
+        "(train_dataset, test_dataset) or a tuneguard.data.Dataset"
+    )
+
+
+def _as_array_tensor(t: Any) -> torch.Tensor:
+    t = torch.as_tensor(t) if not isinstance(t, torch.Tensor) else t
+    return t.float().div_(255.0) if t.dtype == torch.uint8 else t
+
+
+def _split_tensors(part: Any, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if isinstance(part, torch.utils.data.TensorDataset):
+        x, y = part.tensors[0], part.tensors[1]
+        return _as_array_tensor(x), torch.as_tensor(y)
+    if isinstance(part, (tuple, list)) and len(part) == 2:
+        return _as_array_tensor(part[0]), torch.as_tensor(part[1])
+    return _generic_items(part, name)
+
+
+def _checked(name: str, tx: torch.Tensor, ty: torch.Tensor, vx: torch.Tensor, vy: torch.Tensor) -> Dataset:
+    for what, x, y in (("train", tx, ty), ("test", vx, vy)):
+        if x.dim() < 2 or y.dim() != 1 or x.shape[0] != y.shape[0]:
+            raise DataError(f"dataset {name!r}: {what} inputs {tuple(x.shape)} and labels {tuple(y.shape)} must be "
+                            "[N, *input_shape] and [N] with the same N")
+        if y.is_floating_point() or y.dtype == torch.bool:
+            raise DataError(f"dataset {name!r}: {what} labels have dtype {y.dtype}; integer class labels are needed")
+        if y.numel() and int(y.min()) < 0:
+            raise DataError(f"dataset {name!r}: {what} labels must be >= 0 (got {int(y.min())})")
+    if tx.shape[1:] != vx.shape[1:]:
+        raise DataError(f"dataset {name!r}: train inputs {tuple(tx.shape[1:])} and test inputs {tuple(vx.shape[1:])} differ")
+    if tx.is_floating_point():
+        tx, vx = tx.float(), vx.float()
+    return Dataset(name, tx.contiguous(), ty.long(), vx.contiguous(), vy.long())
 
 
 _IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -147,7 +461,7 @@ def partition(
 
     Returns None for ``iid`` (001: every worker samples from the whole train set), else one
     index tensor per worker. ``by_class`` (003): worker i holds classes
-    ``{(i k + j) mod 10 : j < k}``; the examples of a class are split evenly among the workers
+    ``{(i k + j) mod C : j < k}`` (C classes); the examples of a class are split evenly among the workers
     holding it. ``dirichlet``: for each class, proportions over workers ~ Dir(alpha).
     """
     if kind == "iid":

@@ -77,9 +77,9 @@ def _dry_run(cfg) -> None:
     from tuneguard.config import TRAIN_SIZES
     from tuneguard.training.plan import InfeasibleBudget, plan_privacy
 
-    m = TRAIN_SIZES[cfg.dataset]
+    m = TRAIN_SIZES.get(cfg.dataset)  # None: a plugin dataset, its size is known once loaded
     try:
-        plan = plan_privacy(cfg, m) if cfg.partition.kind == "iid" else None
+        plan = plan_privacy(cfg, m) if cfg.partition.kind == "iid" and m else None
     except InfeasibleBudget as err:
         fail(f"infeasible privacy budget: {err}", code=3)
     if cfg.device not in ("auto",):
@@ -96,7 +96,8 @@ def _dry_run(cfg) -> None:
         for note in plan.notes:
             console.print(f"[yellow]note:[/] {note}")
     else:
-        console.print("privacy plan: computed after partitioning the data (non-iid partition)")
+        why = "non-iid partition" if m else "the dataset's size is known once loaded"
+        console.print(f"privacy plan: computed after loading and partitioning the data ({why})")
 
 
 def _run(cfg, tracking_uri, track: bool, quiet: bool):

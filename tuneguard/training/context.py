@@ -14,7 +14,7 @@ from torch import nn
 
 from tuneguard.config import ExperimentConfig
 from tuneguard.data import Dataset, load_dataset, partition
-from tuneguard.models import build_model, flatten_parameters
+from tuneguard.models import build_checked, build_model, flatten_parameters
 from tuneguard.training.plan import PrivacyPlan, plan_privacy
 
 
@@ -63,12 +63,17 @@ class RunContext:
             self.params.copy_(theta)
 
     def initial_theta(self) -> torch.Tensor:
-        return build_theta(self.cfg, self.device)
+        return build_theta(self.cfg, self.device, self.data)
 
 
-def build_theta(cfg: ExperimentConfig, device: torch.device | str) -> torch.Tensor:
-    """theta_0, seeded by the run seed only (the same on every process)."""
-    return flatten_parameters(build_model(cfg.model, seed=cfg.seed)).to(device)
+def build_theta(cfg: ExperimentConfig, device: torch.device | str, data: Dataset | None = None) -> torch.Tensor:
+    """theta_0, seeded by the run seed only (the same on every process). The model's input
+    shape and classes come from ``data`` (loaded, from the per-process cache, when not given)."""
+    if data is None:
+        data = load_dataset(cfg.dataset, cfg.data_dir, cfg.dataset_params)
+    model = build_model(cfg.model, seed=cfg.seed, input_shape=data.input_shape, num_classes=data.num_classes,
+                        params=cfg.model_params)
+    return flatten_parameters(model).to(device)
 
 
 def build_context(
@@ -88,7 +93,10 @@ def build_context(
 
     keep_freed_memory()
     dev = torch.device(device or cfg.resolved_device())
-    data = (data if data is not None else load_dataset(cfg.dataset, cfg.data_dir)).to(dev)
+    data = (data if data is not None else load_dataset(cfg.dataset, cfg.data_dir, cfg.dataset_params)).to(dev)
+    if cfg.partition.kind == "by_class" and cfg.partition.classes_per_worker > data.num_classes:
+        raise ValueError(f"partition.classes_per_worker={cfg.partition.classes_per_worker} exceeds the "
+                         f"{data.num_classes} classes of dataset {cfg.dataset!r}")
     shards = partition(
         data.train_y, cfg.n_honest, cfg.partition.kind,
         classes_per_worker=cfg.partition.classes_per_worker, alpha=cfg.partition.alpha, seed=cfg.seed,
@@ -104,7 +112,12 @@ def build_context(
             )
     else:
         m = data.train_y.numel()
-    model = build_model(cfg.model, seed=cfg.seed).to(dev)
+        if m < cfg.batch_size:
+            raise ValueError(f"batch_size={cfg.batch_size} exceeds the {m} training examples of dataset {cfg.dataset!r}")
+    # built for the data's input shape and classes, validated (BatchNorm refused, fast-path
+    # fallback announced) before step 0; a model given by import path is imported here, in
+    # every process that trains (Ray actors too)
+    model = build_checked(cfg.model, cfg.seed, data.input_shape, data.num_classes, cfg.model_params).to(dev)
     params = flatten_parameters(model)
     label_flip = cfg.f > 0 and cfg.attack.name in ATTACKS and ATTACKS[cfg.attack.name].data_attack
     plan = plan if plan is not None else plan_privacy(cfg, m)

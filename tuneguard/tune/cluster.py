@@ -19,6 +19,7 @@ inherit the launching shell's environment when the cluster was started elsewhere
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,37 +45,50 @@ def job_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def data_key(dataset: str, data_dir: str | None) -> str:
-    """How a shipped dataset is looked up: by name and the config's ``data_dir``."""
-    return f"{dataset}|{data_dir or ''}"
+DataSpec = tuple[str, "str | None", dict]  # (dataset, data_dir, dataset_params)
 
 
-def datasets_of(space) -> list[tuple[str, str | None]]:
-    """(dataset, data_dir) pairs the space's trials may load: the base's, and every value of a
-    searched ``dataset`` / ``data_dir``."""
+def data_key(dataset: str, data_dir: str | None, params: dict | None = None) -> str:
+    """How a shipped dataset is looked up: by name, the config's ``data_dir`` and ``dataset_params``."""
+    return json.dumps([dataset, data_dir or "", dict(params or {})], sort_keys=True, default=str)
+
+
+def datasets_of(space) -> list[DataSpec]:
+    """(dataset, data_dir, dataset_params) the space's trials may load: the base's, and every
+    value of a searched ``dataset`` / ``data_dir``. A searched ``dataset_params.*`` key cannot be
+    enumerated here: with ``tune.ship_data`` that is an error (:func:`ship_datasets`)."""
     from tuneguard.config import ExperimentConfig
 
     base = space.base_raw()
     names = {base.get("dataset", ExperimentConfig.model_fields["dataset"].default)}
     dirs = {base.get("data_dir")}
+    params = dict(base.get("dataset_params") or {})
     for grid in space.grids:
         for p in grid:
             if p.path == "dataset" and p.kind in ("choice", "const"):
                 names.update(p.values)
             if p.path == "data_dir" and p.kind in ("choice", "const"):
                 dirs.update(p.values)
-    return sorted(((str(n), d) for n in names for d in dirs), key=lambda x: (x[0], x[1] or ""))
+    return sorted(((str(n), d, params) for n in names for d in dirs), key=lambda x: (x[0], x[1] or ""))
+
+
+def searched_dataset_params(space) -> list[str]:
+    return sorted({p.name for grid in space.grids for p in grid if p.path.startswith("dataset_params")})
 
 
 # Data shipping ----------------------------------------------------------------------------------
-def ship_datasets(pairs: list[tuple[str, str | None]]) -> dict[str, Any]:
-    """Load each dataset here and put it in the object store once: {data_key: ObjectRef}."""
+def ship_datasets(space) -> dict[str, Any]:
+    """Load each dataset of ``space`` here and put it in the object store once: {data_key: ObjectRef}."""
     import ray
 
     from tuneguard.data import load_dataset
     from tuneguard.training.actors.remote import dataset_to_numpy
 
-    return {data_key(name, d): ray.put(dataset_to_numpy(load_dataset(name, d))) for name, d in pairs}
+    searched = searched_dataset_params(space)
+    if searched:
+        raise PreflightError(f"tune.ship_data ships the datasets before the search starts, but the space searches "
+                             f"{', '.join(searched)}; fix those values in base.dataset_params, or drop --ship-data")
+    return {data_key(name, d, p): ray.put(dataset_to_numpy(load_dataset(name, d, p))) for name, d, p in datasets_of(space)}
 
 
 # Pre-flight -----------------------------------------------------------------------------------
@@ -90,17 +104,17 @@ class NodeReport:
         return f"node {self.address} (id {self.node_id[:12]})"
 
 
-def _check_node(pairs: list[tuple[str, str | None]], tracking_uri: str) -> dict[str, Any]:
+def _check_node(pairs: list[DataSpec], tracking_uri: str) -> dict[str, Any]:
     """Runs on one node: what a trial there would load and where it would log."""
     import ray
 
     problems, checked = [], []
-    for name, d in pairs:
+    for name, d, params in pairs:
         try:
             from tuneguard.data import load_dataset, resolve_data_dir
 
             root = resolve_data_dir(d)[0]
-            load_dataset(name, d)
+            load_dataset(name, d, params)
             checked.append(f"{name} under {root}")
         except Exception as err:  # noqa: BLE001 - reported, with its text, to the launcher
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -152,10 +166,10 @@ def _safe_uri(uri: str) -> str:
     return uri
 
 
-def preflight(pairs: list[tuple[str, str | None]], tracking_uri: str, *, timeout_s: float = 180.0) -> list[NodeReport]:
+def preflight(pairs: list[DataSpec], tracking_uri: str, *, timeout_s: float = 180.0) -> list[NodeReport]:
     """Check every alive node (one task each, pinned there, no CPU reserved); raise
     :class:`PreflightError` naming each node that cannot run trials. ``pairs``: the datasets to
-    load ((name, data_dir); none when the data is shipped)."""
+    load ((name, data_dir, params); none when the data is shipped)."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 

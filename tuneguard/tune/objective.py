@@ -211,7 +211,7 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
             if job.data_refs:
                 from tuneguard.tune.cluster import data_key
 
-                data = job.data_refs[data_key(spec.cfg.dataset, spec.cfg.data_dir)]
+                data = job.data_refs[data_key(spec.cfg.dataset, spec.cfg.data_dir, spec.cfg.dataset_params)]
             result = train(spec.cfg, tracking_uri=job.tracking_uri, run_name=name, tags=tags,
                            parent_run_id=job.parent_run_id, callback=on_step, checkpoint_fn=on_checkpoint,
                            checkpoint_every=job.checkpoint_every, resume=resume.get(spec.key),

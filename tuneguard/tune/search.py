@@ -493,7 +493,7 @@ def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, con
         # Raises PreflightError before any trial starts; _run then ends the job run FAILED.
         preflight([] if space.tune.ship_data else pairs, info.tracking_uri)
         if space.tune.ship_data:
-            job = replace(job, data_refs=ship_datasets(pairs))
+            job = replace(job, data_refs=ship_datasets(space))
         conc, cluster_cpus, per_trial = _concurrency(space, concurrency)
         if console is not None:
             console.print(f"[dim]ray: {cluster_cpus:g} CPUs, {per_trial:g} per trial -> up to {conc} trial(s) at once; "

@@ -309,6 +309,8 @@ def check_path(path: str) -> str | None:
             return f"unknown config key {part!r}{where}; valid keys{where}: {valid}"
         if model is RuleConfig and part == "params":
             return None  # any rule parameter; the rule checks them
+        if model is ExperimentConfig and part in ("model_params", "dataset_params"):
+            return None  # any builder argument; config validation checks them against the builder
         ann = fields[part].annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             model = ann

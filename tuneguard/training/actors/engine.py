@@ -22,6 +22,7 @@ raises :class:`WorkerLost`, naming the actor and its worker ids.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -111,7 +112,7 @@ class ActorEngine:
             if data is not None:
                 key, ref = f"ref:{data.hex()}", data
             else:
-                key = f"{cfg.dataset}:{cfg.data_dir or ''}"
+                key = json.dumps([cfg.dataset, cfg.data_dir or "", cfg.dataset_params], sort_keys=True, default=str)
                 ref = self.pool.data_ref(key, lambda data=ctx.data: dataset_to_numpy(data))
             del ctx, shipped
             self.pool.reset(cfg, self.plan, key, ref)
