@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from tuneguard.aggregators import Gar, build_gar
 from tuneguard.config import ExperimentConfig
 from tuneguard.data import Dataset, load_dataset, partition
 from tuneguard.models import build_checked, build_model, flatten_parameters
@@ -34,6 +35,9 @@ class RunContext:
     # Reused [k * b, features] batch of each worker group: above 32 MiB (b = 1500) malloc maps
     # fresh pages for every allocation, and faulting them in costs as much as the gather itself.
     batch_buffers: dict[tuple[int, ...], torch.Tensor] = field(default_factory=dict)
+    # The run's GAR, its chain resolved and checked once (aggregators.build_gar): every step,
+    # the GAR-aware attacks and the metrics use this object instead of parsing the name again.
+    gar: Gar | None = None
 
     def grad_buffer(self, workers: tuple[int, ...]) -> torch.Tensor:
         buf = self.grad_buffers.get(workers)
@@ -121,4 +125,6 @@ def build_context(
     params = flatten_parameters(model)
     label_flip = cfg.f > 0 and cfg.attack.name in ATTACKS and ATTACKS[cfg.attack.name].data_attack
     plan = plan if plan is not None else plan_privacy(cfg, m)
-    return RunContext(cfg, dev, model, params, data, shards, plan, label_flip)
+    ctx = RunContext(cfg, dev, model, params, data, shards, plan, label_flip)
+    ctx.gar = build_gar(cfg)
+    return ctx

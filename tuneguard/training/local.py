@@ -53,7 +53,7 @@ class LocalEngine:
         if ctx.label_flip:
             byz_ids = list(range(ctx.cfg.n_honest, ctx.cfg.n_workers))
             flipped = worker_round(ctx, state.theta, state.byz_momentum, byz_ids, t, flip=True)
-        byz = byzantine_vectors(ctx, honest.submit, t, flipped)
+        byz = byzantine_vectors(ctx, honest.submit, t, flipped, gar=ctx.gar)
         theta, metrics = server_step(ctx, state.theta, honest, byz, t)
         new_state = TrainState(theta, honest.momentum, flipped.momentum if flipped is not None else None)
         return new_state, metrics

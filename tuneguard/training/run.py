@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from tuneguard.aggregators import build_gar
 from tuneguard.config import ExperimentConfig
 from tuneguard.training.metrics import vn_bound
 
@@ -128,7 +129,7 @@ def _loop(cfg: ExperimentConfig, engine, tracker, callback: StepCallback | None,
           checkpoint_fn: CheckpointFn | None, checkpoint_every: int, resume: dict[str, Any] | None) -> RunResult:
     ctx_plan = engine.plan
     steps = ctx_plan.steps
-    bound = vn_bound(cfg.gar.name, cfg.n_workers, cfg.f, cfg.gar.params)
+    bound = vn_bound(getattr(getattr(engine, "ctx", None), "gar", None) or build_gar(cfg))
     history: list[dict[str, Any]] = []
     max_acc, acc = -math.inf, math.nan
     eps_spent = None

@@ -59,6 +59,6 @@ def server_step(
     summary = summary if summary is not None else honest_summary(honest)
     if stacked is None:
         stacked = honest.submit if byz is None or byz.shape[0] == 0 else torch.cat([honest.submit, byz])
-    new_theta, R = aggregate_and_update(ctx, theta, stacked, t)
+    new_theta, R = aggregate_and_update(ctx, theta, stacked, t, gar=ctx.gar)
     metrics = {**summary.metrics, "gar_distance": gar_distance(R, summary.mean), "param_norm": float(new_theta.norm())}
     return new_theta, metrics

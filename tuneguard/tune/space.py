@@ -535,7 +535,7 @@ def apply_point(base: dict[str, Any], point: dict[str, Any], params: list[Param]
 def gar_problem(raw: dict[str, Any]) -> tuple[str | None, str | None]:
     """(exclusion reason, error) for the GAR of a raw config: the reason is set when the rule
     exists, takes the given parameters, and only its (n, f) requirement fails."""
-    from tuneguard.aggregators import check_rule, resolve
+    from tuneguard.aggregators import GarRequirementError, build_gar, resolve
 
     gar = raw.get("gar", ExperimentConfig.model_fields["gar"].default_factory())
     if isinstance(gar, RuleConfig):
@@ -556,9 +556,11 @@ def gar_problem(raw: dict[str, Any]) -> tuple[str | None, str | None]:
     if unknown:
         return None, f"gar {name!r} takes parameters {sorted(known) or 'none'}; unknown: {sorted(unknown)}"
     try:
-        check_rule(name, n, f, **params)
-    except ValueError as err:
+        build_gar(name, n, f, **params)  # the Gar a run would build, checked the same way
+    except GarRequirementError as err:
         return str(err), None
+    except ValueError as err:
+        return None, str(err)
     return None, None
 
 

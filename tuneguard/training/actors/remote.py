@@ -151,7 +151,7 @@ class ByzantineWorkers(_Role):
             mom = to_tensor(prev.get("momentum"), self.device) if prev else None
             flipped = worker_round(ctx, to_tensor(theta, self.device), mom, ids, t, flip=True)
         submit = _rows([h["submit"] for h in honest], self.device) if honest else torch.empty(0, ctx.d, device=self.device)
-        vectors = byzantine_vectors(ctx, submit, t, flipped)
+        vectors = byzantine_vectors(ctx, submit, t, flipped, gar=ctx.gar)
         return pack(vectors=vectors, momentum=flipped.momentum if flipped is not None else None)
 
 
