@@ -319,8 +319,11 @@ class ExperimentConfig(_Strict):
                 )
             for key, value in self.attack.params.items():
                 _check_param_type(f"attack.params.{key}", value, spec.params[key])
+            params = dict(self.attack.params)
+            if "gar" in spec.params and "gar" not in params:  # GAR-aware attacks target the run's GAR
+                params["gar"] = self.gar.name
             try:
-                spec.check(self.n_honest, self.f, **self.attack.params)
+                spec.check(self.n_honest, self.f, **params)
             except TypeError as err:
                 raise ValueError(f"attack {self.attack.name!r}: a parameter has the wrong type ({err}); "
                                  f"given params: {short(self.attack.params)}") from None
