@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from procs import kill_matching
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -65,23 +66,6 @@ def _can_unshare() -> bool:
     return probe.returncode == 0
 
 
-def _kill_tree_matching(marker: str) -> None:
-    """SIGKILL every process whose command line mentions ``marker`` (this cluster's temp dir)."""
-    me = os.getpid()
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == me:
-            continue
-        try:
-            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except OSError:
-                pass
-
-
 @pytest.fixture()
 def two_node_cluster(tmp_path, data_dir):
     """`ray start --head` (1 CPU) and a second node (1 CPU) that cannot see ``data_dir``."""
@@ -114,7 +98,7 @@ def two_node_cluster(tmp_path, data_dir):
         yield f"127.0.0.1:{port}"
     finally:
         os.killpg(worker.pid, signal.SIGKILL)
-        _kill_tree_matching(str(temp))
+        kill_matching(str(temp))
         shutil.rmtree(temp, ignore_errors=True)
 
 

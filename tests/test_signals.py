@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from mlflow import MlflowClient
+from procs import kill_matching
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "mnist_001.yaml")
@@ -48,34 +49,6 @@ def _wait_for(cond, proc: subprocess.Popen, log: Path, timeout: float, what: str
         assert proc.poll() is None, f"exited ({proc.returncode}) before {what}:\n{log.read_text()[-3000:]}"
         time.sleep(0.5)
     pytest.fail(f"no {what} within {timeout:.0f} s:\n{log.read_text()[-3000:]}")
-
-
-def _ray_pids(marker: str) -> list[int]:
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = (d / "environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd or f"RAY_TMPDIR={marker}" in env:
-            pids.append(int(d.name))
-    return pids
-
-
-def _kill_left(marker: str) -> None:
-    for _ in range(3):
-        pids = _ray_pids(marker)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(1.0)
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -158,7 +131,7 @@ def test_signal_to_tune_leaves_no_running_run(tmp_path, data_dir, sig):
                 if proc.poll() is None:
                     proc.kill()
     finally:
-        _kill_left(ray_tmp)
+        kill_matching(ray_tmp)
     text = log.read_text()
     assert proc.returncode == 130, text[-3000:]
     assert "Traceback" not in text, text[-3000:]

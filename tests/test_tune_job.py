@@ -17,6 +17,7 @@ import optuna
 import pytest
 import yaml
 from mlflow import MlflowClient
+from procs import kill_matching
 from typer.testing import CliRunner
 
 from tuneguard.tune.search import start_job
@@ -226,35 +227,6 @@ def test_asha_job_closes_the_runs_of_stopped_trials(ray_cluster, tmp_path, track
 
 
 # --------------------------------------------------------------------------------------------
-def _ray_pids(marker: str) -> list[int]:
-    """PIDs whose command line mentions ``marker`` (the subprocess cluster's temp dir)."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            env = (d / "environ").read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd or f"RAY_TMPDIR={marker}" in env:
-            pids.append(int(d.name))
-    return pids
-
-
-def _kill_cluster(marker: str) -> None:
-    for _ in range(3):
-        pids = _ray_pids(marker)
-        if not pids:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(1.0)
-
-
 def test_resume_after_killing_the_driver(tmp_path, data_dir):
     """SIGKILL `tuneguard tune` once a trial finished; `--resume` completes the job without
     running any trial twice (Optuna study and MLflow runs counted by trial id)."""
@@ -288,7 +260,7 @@ def test_resume_after_killing_the_driver(tmp_path, data_dir):
         assert proc.poll() is None, "the job finished before it could be killed; make the trials longer"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
-        _kill_cluster(ray_tmp)
+        kill_matching(ray_tmp)
 
         job = json.loads((rdir / "job.json").read_text())
         study_url = f"sqlite:///{rdir / 'optuna.db'}"
@@ -301,7 +273,7 @@ def test_resume_after_killing_the_driver(tmp_path, data_dir):
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         log.close()
-        _kill_cluster(ray_tmp)
+        kill_matching(ray_tmp)
 
     study = optuna.load_study(study_name=job["study_name"], storage=study_url)
     states = [t.state for t in study.trials]
