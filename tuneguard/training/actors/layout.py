@@ -7,9 +7,11 @@ One run of the actor engine creates:
   pass (``ceil(h / workers_per_actor)`` of them when ``actors.workers_per_actor`` is set);
 - one ``ByzantineWorkers`` actor when f > 0 (it crafts the f attack vectors).
 
-Every actor reserves ``cfg.actors.cpus_per_actor`` CPUs (a fraction by default) and, when the run
-uses CUDA, an equal share of one GPU. Inside a Ray Tune trial they go into the trial's placement
-group, one bundle each; bundle 0 is the trainable (the driver of the run), which mostly waits.
+Every actor reserves ``cfg.actors.cpus_per_actor`` CPUs and, when the run uses CUDA, an equal
+share of one GPU. Unset, that is 0.25 outside Tune and, in a tune job, an equal share of
+``tune.cpus_per_trial`` for the trainable and each actor (two 1-CPU trials fit on 2 CPUs). Inside a
+Ray Tune trial they go into the trial's placement group, one bundle each; bundle 0 is the
+trainable (the driver of the run), which mostly waits.
 
 Default grouping (``actors.workers_per_actor: null``): one worker actor per CPU core,
 
