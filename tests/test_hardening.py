@@ -19,6 +19,7 @@ import pytest
 from tuneguard.config import ConfigError, build_config, load_config
 from tuneguard.safeyaml import YamlError, loads, scalar
 from tuneguard.tune.space import Space, SpaceError
+from tuneguard.tune.ui import group_alive
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "mnist_001.yaml")
@@ -238,14 +239,6 @@ def test_resume_refuses_a_dir_tuneguard_did_not_write(tmp_path):
     assert_clear_error(res, "records no digest")
 
 
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-
-
 def test_ui_sigint_during_startup_stops_the_whole_server_group(tmp_path, tracking_uri):
     """Ctrl-C in the seconds before the URL appears: no mlflow server or uvicorn is left behind."""
     import signal
@@ -279,6 +272,6 @@ def test_ui_sigint_during_startup_stops_the_whole_server_group(tmp_path, trackin
     assert "Traceback" not in out, out
     assert "MLflow UI for" not in out  # stopped before it was ready
     deadline = time.monotonic() + 20
-    while _group_alive(pgid) and time.monotonic() < deadline:
+    while group_alive(pgid) and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert not _group_alive(pgid), f"processes of group {pgid} left running; log: {server_log}"
+    assert not group_alive(pgid), f"processes of group {pgid} left running; log: {server_log}"

@@ -53,16 +53,8 @@ def stop_on_signals() -> Iterator[None]:
         state["raised"] = True
         raise Terminated(signum)
 
-    sigs = (signal.SIGINT, *STOP_SIGNALS)
-    previous = {s: signal.signal(s, handler) for s in sigs}
-    _ACTIVE.update({s: handler for s in sigs})
-    try:
+    with _handling((signal.SIGINT, *STOP_SIGNALS), handler):
         yield
-    finally:
-        for s in sigs:
-            _ACTIVE.pop(s, None)
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 @contextmanager
@@ -77,12 +69,20 @@ def forward_as_sigint() -> Iterator[None]:
             return
         raise Terminated(signum)
 
-    previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
-    _ACTIVE.update({s: handler for s in STOP_SIGNALS})
+    with _handling(STOP_SIGNALS, handler):
+        yield
+
+
+@contextmanager
+def _handling(sigs: tuple[int, ...], handler) -> Iterator[None]:
+    """``handler`` for ``sigs`` inside the block (and for :func:`reassert`); the previous
+    handlers back afterwards."""
+    previous = {s: signal.signal(s, handler) for s in sigs}
+    _ACTIVE.update({s: handler for s in sigs})
     try:
         yield
     finally:
-        for s in STOP_SIGNALS:
+        for s in sigs:
             _ACTIVE.pop(s, None)
         for s, h in previous.items():
             signal.signal(s, h)

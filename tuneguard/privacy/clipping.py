@@ -247,6 +247,16 @@ def _act(layer: nn.Module, h: Tensor) -> Tensor:
     return h
 
 
+def _clip_coefficients(norms: Tensor, clip: float | None, W: int, b: int) -> tuple[Tensor, Tensor]:
+    """(coef [W b], clipped fraction [W]) from the per-example gradient norms: coef_i = s_i / b
+    with s_i = min(1, C / (norm_i + eps)) (the 1/b of the batch mean folded in); 1 / b and no
+    clipping when ``clip`` is None."""
+    if clip is None:
+        return torch.full_like(norms, 1.0 / b), torch.zeros(W, dtype=norms.dtype, device=norms.device)
+    coef = (norms + _EPS).reciprocal_().mul_(clip / b).clamp_(max=1.0 / b)
+    return coef, (norms > clip).view(W, b).sum(1, dtype=norms.dtype).div_(b)
+
+
 def _offsets(params: list[Tensor]) -> tuple[dict[int, int], int]:
     off, pos = {}, 0
     for p in params:
@@ -314,18 +324,12 @@ def _fast(
             g = _act_backward(layer, g, inp, post)
 
     norms = sq.sqrt_()
-    if clip is None:
-        coef = None
-        frac = torch.zeros(W, dtype=dtype, device=x.device)
-    else:
-        # s_i / b with s_i = min(1, C / (norm_i + eps)), the 1/b of the mean folded in
-        coef = (norms + _EPS).reciprocal_().mul_(clip / b).clamp_(max=1.0 / b)
-        frac = (norms > clip).view(W, b).sum(1, dtype=dtype).div_(b)
+    coef, frac = _clip_coefficients(norms, clip, W, b)
 
     offsets, d_total = _offsets(params)
     if out is None:
         out = torch.empty(W, d_total, dtype=dtype, device=x.device)
-    scale = (coef if coef is not None else torch.full_like(norms, 1.0 / b)).view(W, 1, b)
+    scale = coef.view(W, 1, b)
     for layer, inp, g in saved:
         o, i_ = layer.weight.shape
         # (s_i / b) * g_i, laid out [W, out, b] contiguous: bmm then needs no internal copy
@@ -765,13 +769,7 @@ def _ghost(
                 kept[id(mod)] = (gw, gb)
 
         norms = sq.sqrt_()
-        if clip is None:
-            coef = torch.full_like(norms, 1.0 / b)
-            frac = torch.zeros(W, dtype=dtype, device=x.device)
-        else:
-            # s_i / b with s_i = min(1, C / (norm_i + eps)), the 1/b of the mean folded in
-            coef = (norms + _EPS).reciprocal_().mul_(clip / b).clamp_(max=1.0 / b)
-            frac = (norms > clip).view(W, b).sum(1, dtype=dtype).div_(b)
+        coef, frac = _clip_coefficients(norms, clip, W, b)
 
         # 2. book-keeping: each layer's gradient of sum_{i in worker} (s_i / b) l_i, per worker
         offsets, d_total = _offsets(params)

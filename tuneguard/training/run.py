@@ -129,7 +129,7 @@ def _loop(cfg: ExperimentConfig, engine, tracker, callback: StepCallback | None,
           checkpoint_fn: CheckpointFn | None, checkpoint_every: int, resume: dict[str, Any] | None) -> RunResult:
     ctx_plan = engine.plan
     steps = ctx_plan.steps
-    bound = vn_bound(getattr(getattr(engine, "ctx", None), "gar", None) or build_gar(cfg))
+    bound = vn_bound(build_gar(cfg))
     history: list[dict[str, Any]] = []
     max_acc, acc = -math.inf, math.nan
     eps_spent = None

@@ -123,47 +123,32 @@ def _check_node(pairs: list[DataSpec], tracking_uri: str) -> dict[str, Any]:
     if problem:
         problems.append(problem)
     else:
-        checked.append(f"MLflow store {_safe_uri(tracking_uri)}")
+        from tuneguard.tracking import mask_uri
+
+        checked.append(f"MLflow store {mask_uri(tracking_uri)}")
     ctx = ray.get_runtime_context()
     return {"node_id": ctx.get_node_id(), "problems": problems, "checked": checked}
 
 
-def store_problem(tracking_uri: str, timeout_s: float = 5.0) -> str | None:
-    """Why this process could not log to ``tracking_uri`` (None when it can)."""
-    import socket
-    from urllib.parse import urlparse
+def store_problem(tracking_uri: str) -> str | None:
+    """Why this process (on some node) could not log to ``tracking_uri``; None when it can.
+
+    :func:`tuneguard.tracking.check_tracking_uri` decides, except that a SQLite store's folder
+    must already exist here: the launcher created it, so a node that lacks it does not share
+    that filesystem, and creating it would split the store in two."""
+    from tuneguard.tracking import TrackingError, check_tracking_uri
 
     if tracking_uri.startswith("sqlite:///"):
-        path = Path(tracking_uri.removeprefix("sqlite:///"))
-        folder = path.parent
+        folder = Path(tracking_uri.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             return (f"the MLflow store {tracking_uri} is a SQLite file in {folder}, which does not exist there "
                     "(a SQLite store works only where every node sees that path: use a shared folder or an "
                     "MLflow server, --tracking-uri http://HOST:PORT)")
-        if not os.access(folder, os.W_OK):
-            return f"the MLflow store's folder {folder} is not writable there"
-        return None
-    if tracking_uri.startswith(("http://", "https://")):
-        u = urlparse(tracking_uri)
-        port = u.port or (443 if u.scheme == "https" else 80)
-        try:
-            with socket.create_connection((u.hostname or "localhost", port), timeout=timeout_s):
-                return None
-        except OSError as err:
-            return f"the MLflow server {_safe_uri(tracking_uri)} does not answer from there ({err})"
+    try:
+        check_tracking_uri(tracking_uri)
+    except TrackingError as err:
+        return f"{err} (checked there)"
     return None
-
-
-def _safe_uri(uri: str) -> str:
-    """``uri`` without credentials."""
-    from urllib.parse import urlparse
-
-    u = urlparse(uri)
-    if u.password or u.username:
-        host = u.hostname or ""
-        netloc = f"***@{host}" + (f":{u.port}" if u.port else "")
-        return u._replace(netloc=netloc).geturl()
-    return uri
 
 
 def preflight(pairs: list[DataSpec], tracking_uri: str, *, timeout_s: float = 180.0) -> list[NodeReport]:

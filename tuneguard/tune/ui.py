@@ -114,7 +114,7 @@ class Server:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
             p.poll()
-            if not _group_alive(p.pid):
+            if not group_alive(p.pid):
                 return
             time.sleep(0.1)
         try:
@@ -127,7 +127,8 @@ class Server:
             pass
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` is still running."""
     try:
         os.killpg(pgid, 0)
         return True
