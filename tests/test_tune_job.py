@@ -287,6 +287,9 @@ def test_resume_after_killing_the_driver(tmp_path, data_dir):
     assert len(trial_ids) == len(set(trial_ids)) == complete, (trial_ids, states)  # one run per trial, no repeats
     tune_ids = {k.data.tags["tuneguard.trial"] for k in kids if k.data.tags.get("tuneguard.orphan") != "1"}
     assert len(tune_ids) == 3, trial_ids
+    # every finished trial's result reached the study, even one Tune finished after the restore
+    told = {t.user_attrs.get("tuneguard_trial") for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE}
+    assert told == set(trial_ids), (told, trial_ids)
     assert all(k.info.status == "FINISHED" for k in kids)
     for k in kids:  # the interrupted trial continued its run from a checkpoint, or restarted it: no gaps
         assert {m.step for m in cl.get_metric_history(k.info.run_id, "train_loss")} == set(range(1, 161))
@@ -319,3 +322,17 @@ def test_runs_of_trials_tune_lost_are_reconciled(tracking_uri, tmp_path):
     assert cl.get_run(runs["lost-unfinished"]).info.lifecycle_stage == "deleted"
     assert cl.get_run(runs["lost-finished"]).data.tags["tuneguard.orphan"] == "1"
     assert "tuneguard.orphan" not in cl.get_run(runs["known"]).data.tags
+
+
+def test_stale_study_trials_get_the_result_tune_saw(tmp_path):
+    """A trial whose result reached Tune but not the study (driver killed in between) is told
+    that result when the job ends; one Tune never ran is closed as FAIL."""
+    from tuneguard.tune.search import OPTUNA_FILE, TRIAL_ATTR, close_stale_study_trials
+
+    study = optuna.create_study(study_name="s", storage=f"sqlite:///{tmp_path / OPTUNA_FILE}", direction="maximize")
+    for tid in ("t_done", "t_lost"):
+        study.ask().set_user_attr(TRIAL_ATTR, tid)
+    assert close_stale_study_trials(tmp_path, "s", {"t_done": 0.75}) == 2
+    by_id = {t.user_attrs[TRIAL_ATTR]: t for t in optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / OPTUNA_FILE}").trials}
+    assert by_id["t_done"].state == optuna.trial.TrialState.COMPLETE and by_id["t_done"].value == 0.75
+    assert by_id["t_lost"].state == optuna.trial.TrialState.FAIL

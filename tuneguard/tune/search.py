@@ -251,32 +251,74 @@ except ImportError:  # pragma: no cover - optuna missing
 
 
 class ResumableOptunaSearch(_OptunaSearch):  # type: ignore[misc,valid-type]
-    """OptunaSearch that tolerates a replayed trial. After the driver dies, Tune restores its last
-    experiment snapshot; a trial that finished after it runs again (it re-reports its stored
-    result, see objective.py) while the study already holds it as COMPLETE. Optuna refuses to
-    update a finished trial; that report is then ignored instead of failing the job."""
+    """OptunaSearch that survives a killed driver.
+
+    - Every Optuna trial carries its Tune trial id (user attribute ``TRIAL_ATTR``), written to
+      the study when it is asked, so a result can find its Optuna trial whatever the searcher's
+      pickled state missed.
+    - After the driver dies, Tune restores its last experiment snapshot; a trial that finished
+      after it runs again (it re-reports its stored result, see objective.py) while the study
+      already holds it as COMPLETE. Optuna refuses to update a finished trial; that report is
+      then ignored instead of failing the job.
+    - A restored trial the searcher's snapshot does not know is looked up in the study by its
+      Tune trial id instead of raising ``KeyError``.
+    """
+
+    def suggest(self, trial_id: str):
+        params = super().suggest(trial_id)
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None:
+            ot_trial.set_user_attr(TRIAL_ATTR, trial_id)
+        return params
+
+    def _known(self, trial_id: str) -> bool:
+        if trial_id in self._ot_trials:
+            return True
+        import optuna
+
+        for t in self._ot_study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            if t.user_attrs.get(TRIAL_ATTR) == trial_id:
+                self._ot_trials[trial_id] = optuna.trial.Trial(self._ot_study, t._trial_id)
+                return True
+        return False
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         import optuna
 
+        if not self._known(trial_id):
+            return
         try:
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
 
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        if self._known(trial_id):
+            super().on_trial_complete(trial_id, result=result, error=error)
 
-def close_stale_study_trials(results_dir: Path, study_name: str) -> int:
-    """Mark FAIL the Optuna trials still RUNNING once a job has ended: asked by a driver that
-    died before Tune recorded them, so never evaluated. Returns how many."""
+
+TRIAL_ATTR = "tuneguard_trial"  # Optuna user attribute: the Tune trial id
+
+
+def close_stale_study_trials(results_dir: Path, study_name: str, finished: dict[str, float] | None = None) -> int:
+    """Close the Optuna trials still RUNNING once a job has ended. One whose Tune trial finished
+    (``finished``: Tune trial id -> objective) gets that value: its result reached Tune but not
+    the study (the driver died between the two). The others were asked by a driver that died
+    before Tune recorded them, so never evaluated: FAIL. Returns how many were closed."""
     import optuna
 
     path = results_dir / OPTUNA_FILE
     if not path.exists():
         return 0
+    finished = finished or {}
     study = optuna.load_study(study_name=study_name, storage=f"sqlite:///{path}")
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.RUNNING]
     for t in stale:
-        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        value = finished.get(t.user_attrs.get(TRIAL_ATTR, ""))
+        if value is not None:
+            study.tell(t.number, value)
+        else:
+            study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     return len(stale)
 
 
@@ -546,7 +588,7 @@ def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, con
         from tuneguard.tune.progress import job_trial_ids
 
         if space.tune.mode == "optuna":
-            close_stale_study_trials(rdir, info.study_name)
+            close_stale_study_trials(rdir, info.study_name, _finished_objectives(grid))
         trial_ids = job_trial_ids()
         if trial_ids is not None:
             reconcile_runs(info, set(trial_ids))
@@ -572,6 +614,16 @@ def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, con
     except Exception:  # noqa: BLE001 - the summary must still print
         pass
     return summary
+
+
+def _finished_objectives(grid) -> dict[str, float]:
+    """Tune trial id -> final objective, for the trials that reported their end."""
+    out: dict[str, float] = {}
+    for r in grid or ():
+        m = r.metrics or {}
+        if m.get("trial_done") and m.get("trial_id") is not None and m.get("objective") is not None:
+            out[str(m["trial_id"])] = float(m["objective"])
+    return out
 
 
 def reconcile_runs(info: JobInfo, trial_ids: set[str]) -> tuple[int, int]:
