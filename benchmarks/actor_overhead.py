@@ -77,29 +77,36 @@ def _inside(handle, method: str, *args):
 def phase_profile(engine: ActorEngine, state, t0: int, steps: int) -> dict[str, tuple[float, float]]:
     """Per phase of a step, run one at a time: (round trip seen by the driver, time inside the
     actor), median ms. The difference is what the hop costs: task dispatch, object-store
-    transfer, waiting for a core."""
+    transfer, waiting for a core. The server is this process (no hop): its row is its whole
+    work, reading the outputs, stacking, honest metrics, GAR, update."""
     import ray
 
+    from tuneguard.training.actors.remote import to_tensor
+    from tuneguard.training.server import server_step
+
     workers = [s for s in engine._slots if s.kind == "workers"]
-    byz, server = engine._byz_slot(), engine._slots[0]
+    byz = engine._byz_slot()
+    h = engine.cfg.n_honest
     rows: dict[str, list[tuple[float, float]]] = {"workers": [], "byzantine": [], "server": []}
     for t in range(t0, t0 + steps):
+        theta = ray.put(state.theta.numpy())
         a = time.perf_counter()
-        hon = [s.handle.round.remote(state.theta, state.honest[i], t) for i, s in enumerate(workers)]
+        hon = [s.handle.round.remote(theta, state.honest[i], t) for i, s in enumerate(workers)]
         ray.wait(hon, num_returns=len(hon))
         rt = time.perf_counter() - a
-        inside = max(ray.get([_inside(s.handle, "round", state.theta, state.honest[i], t) for i, s in enumerate(workers)]))
+        inside = max(ray.get([_inside(s.handle, "round", theta, state.honest[i], t) for i, s in enumerate(workers)]))
         rows["workers"].append((rt, inside))
         a = time.perf_counter()
         bref = byz.handle.craft.remote(t, None, None, *hon)
         ray.wait([bref])
         rows["byzantine"].append((time.perf_counter() - a, ray.get(_inside(byz.handle, "craft", t, None, None, *hon))))
         a = time.perf_counter()
-        theta, metrics = server.handle.update.remote(t, state.theta, bref, None, *hon)
-        ray.get(metrics)
+        honest, summary, stack = engine._honest(ray.get(hon))
+        stack[h:].copy_(to_tensor(ray.get(bref)["vectors"], stack.device))
+        new_theta, _ = server_step(engine.ctx, state.theta, honest, None, t, summary=summary, stacked=stack)
         rt = time.perf_counter() - a
-        rows["server"].append((rt, ray.get(_inside(server.handle, "update", t, state.theta, bref, None, *hon))))
-        state = type(state)(theta, hon, None)
+        rows["server"].append((rt, rt))
+        state = type(state)(new_theta, hon, None)
     return {k: (statistics.median(r for r, _ in v) * 1e3, statistics.median(i for _, i in v) * 1e3)
             for k, v in rows.items()}
 
@@ -180,7 +187,7 @@ def main() -> None:
         lines.append(f"| {r['b']} | {r['engine']} | {r['wpa']} | {r['step_ms'] / 1e3:.4f} | {r['ratio']:.2f}x | "
                      f"{r['best_ms'] / 1e3:.4f} | {r['best_ratio']:.2f}x | {r['overhead_ms']:+.1f} ms | {start} | {mem} |")
     lines += ["", "Where an actor step goes (phases run one at a time; median ms: round trip seen by the driver / "
-              "time inside the actor; the server row is its whole work: stacking, honest metrics, GAR, update):", "",
+              "time inside the actor; the server is the driver itself, its row is its whole work: reading the outputs, stacking, honest metrics, GAR, update):", "",
               "| b | engine | honest workers | Byzantine craft | server update |", "|---|---|---|---|---|"]
     for r in rows:
         if r.get("phases"):

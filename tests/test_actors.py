@@ -101,7 +101,7 @@ CASES = [
 def test_same_numbers_as_local_engine(ray_cluster, data_dir, gar, attack, privacy, wpa):
     cfg = cfg_of(gar=gar, attack=attack, privacy={"mode": privacy}, actors={"workers_per_actor": wpa})
     with ActorEngine(cfg) as engine:
-        assert len(engine.actor_names()) == 1 + len(engine.layout.groups) + 1  # server, workers, Byzantine
+        assert len(engine.actor_names()) == len(engine.layout.groups) + 1  # workers, Byzantine (this process serves)
         sizes = [len(g) for g in engine.layout.groups]
         if wpa is None:  # the default: one worker actor per core
             assert len(sizes) == default_worker_actors(cfg.n_honest) and max(sizes) - min(sizes) <= 1
@@ -135,7 +135,7 @@ def test_warm_actors_are_reset_not_restarted_between_runs(ray_cluster, data_dir)
     # A layout that differs (another grouping) replaces the warm pool.
     with ActorEngine(cfg_of(actors={"workers_per_actor": 4})) as engine:
         assert not engine.reused and set(engine.actor_memory()) != set(pids)
-    assert len(_our_actors()) == 3
+    assert len(_our_actors()) == 2  # the old pool is gone: one worker actor + the Byzantine actor
 
 
 @pytest.mark.slow
@@ -170,15 +170,15 @@ def test_dead_and_hung_workers_are_replaced_then_the_run_stops_by_name(ray_clust
     ref = train(build_config({**cfg.model_dump(mode="json"), "engine": "local"}), track=False)
     engine = ActorEngine(cfg, warm=False)
     try:
-        # 1. A worker actor killed after step 2 (as an OOM kill would), the server after step 4:
-        #    restarted, momentum and theta restored, same numbers.
+        # 1. A worker actor killed after step 2 (as an OOM kill would), the Byzantine actor after
+        #    step 4: restarted, momentum restored, same numbers.
         victim = engine.worker_actors[0]
 
         def kill(m):
             if m["step"] == 2:
                 engine._kill_worker_for_test(0)
             if m["step"] == 4:
-                ray.kill(engine.server, no_restart=True)
+                ray.kill(engine.byzantine_actor, no_restart=True)
         got = train(cfg, tracking_uri=tracking_uri, engine=engine, callback=kill)
         assert got.status == "FINISHED"
         # The restarts are on the run's MLflow record.
@@ -191,7 +191,7 @@ def test_dead_and_hung_workers_are_replaced_then_the_run_stops_by_name(ray_clust
         assert got.final_cross_accuracy == pytest.approx(ref.final_cross_accuracy, abs=TOL)
         assert engine.worker_actors[0] is not victim
         assert any("honest-worker actor 0" in line and "died" in line for line in engine.restart_log)
-        assert any("parameter-server actor" in line and "died" in line for line in engine.restart_log)
+        assert any("Byzantine actor" in line and "died" in line for line in engine.restart_log)
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(victim.ready.remote(), timeout=30)
 
@@ -219,7 +219,7 @@ def test_restarts_disabled_fails_fast_naming_the_worker(ray_cluster, data_dir):
     cfg = cfg_of(steps=3, actors={"workers_per_actor": 4, "max_restarts": 0})
     shutdown_warm()
     engine = ActorEngine(cfg)  # warm by default, but a failed run's actors are not kept
-    handles = [*engine.worker_actors, engine.server, engine.byzantine_actor]
+    handles = [*engine.worker_actors, engine.byzantine_actor]
     start = time.perf_counter()
     with pytest.raises(WorkerLost, match=r"honest-worker actor 0 \(worker ids 0-3\).*restarts are disabled"):
         train(cfg, track=False, engine=engine, callback=lambda m: m["step"] == 1 and engine._kill_worker_for_test(0))
@@ -237,11 +237,11 @@ def test_restarts_disabled_fails_fast_naming_the_worker(ray_cluster, data_dir):
 def test_two_concurrent_tune_trials_on_two_cpus(ray_cluster, data_dir, tmp_path):
     from ray import tune
 
-    # Server + 1 worker actor, 0.25 CPU each, + the trainable's bundle: 0.75 CPU per trial.
+    # 1 worker actor + the trainable's bundle (the trainable is the parameter server).
     cfg = cfg_of(n_workers=3, f=0, attack="none", gar="average", steps=3, eval_every=3)
-    assert plan_layout(cfg, cpus=1).n_actors == 2
+    assert plan_layout(cfg, cpus=1).n_actors == 1
     pgf = trial_resources(cfg, cpus=1)
-    assert len(pgf.bundles) == 3
+    assert len(pgf.bundles) == 2
     assert sum(b["CPU"] for b in pgf.bundles) <= 1.0  # two trials fit on 2 CPUs
     raw = cfg.model_dump(mode="json")
 
@@ -275,14 +275,14 @@ def test_two_concurrent_tune_trials_on_two_cpus(ray_cluster, data_dir, tmp_path)
 def test_trial_resources_match_the_engine_layout():
     cfg = cfg_of(n_workers=15, f=3, actors={"workers_per_actor": None, "cpus_per_actor": 0.1})
     pgf = trial_resources(cfg, cpus=4)
-    assert len(pgf.bundles) == 1 + 1 + 4 + 1  # driver, server, one worker actor per core, Byzantine
+    assert len(pgf.bundles) == 1 + 4 + 1  # driver (the server), one worker actor per core, Byzantine
     assert all(b == {"CPU": 0.1} for b in pgf.bundles)
     assert default_worker_actors(12, 2) == 2 and default_worker_actors(3, 16) == 3
     layout = plan_layout(cfg, n_worker_actors=5, gpu=False)
     assert [len(g) for g in layout.groups] == [3, 3, 2, 2, 2]
     assert [w for g in layout.groups for w in g] == list(range(12))
     one = plan_layout(cfg_of(n_workers=12, f=0, attack="none", actors={"workers_per_actor": 12}), gpu=True)
-    assert one.n_actors == 2 and not one.byzantine and one.gpus == 0.5
+    assert one.n_actors == 1 and not one.byzantine and one.gpus == 0.5  # the driver and the worker actor
 
 
 # Ray connection ----------------------------------------------------------------------------
@@ -334,7 +334,7 @@ def test_actors_that_cannot_fit_fail_at_once_with_advice(ray_cluster, data_dir):
     cfg = cfg_of(n_workers=15, f=3, actors={"workers_per_actor": 1, "cpus_per_actor": 0.25})
     shutdown_warm()
     start = time.perf_counter()
-    with pytest.raises(RuntimeError, match=r"14 actors x actors.cpus_per_actor=0.25 = 3.5 CPUs.*has 2"):
+    with pytest.raises(RuntimeError, match=r"13 actors x actors.cpus_per_actor=0.25 = 3.25 CPUs.*has 2"):
         ActorEngine(cfg)
     assert time.perf_counter() - start < 30
     assert _our_actors() == []

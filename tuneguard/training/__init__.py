@@ -2,7 +2,7 @@
 
 - :mod:`.step`     the pure step functions both engines call
 - :mod:`.local`    all workers batched in this process
-- :mod:`.actors`   a parameter-server actor and worker actors (Ray)
+- :mod:`.actors`   honest-worker and Byzantine actors (Ray), the driver as parameter server
 - :mod:`.run`      one run end to end, tracked in MLflow: :func:`train`
 """
 

@@ -76,8 +76,8 @@ def _actors(cfg: ExperimentConfig, worker_groups: Sequence[Sequence[int]] | None
 ENGINES: dict[str, EngineSpec] = {
     "local": EngineSpec("local", "every worker of a step batched in this process: the single-process "
                         "simulation for laptops, tests and benchmarks", _local),
-    "actors": EngineSpec("actors", "Ray actors play the parameter server, the honest workers and the "
-                         "Byzantine workers (warm: reused across the runs of a Tune trial)", _actors),
+    "actors": EngineSpec("actors", "Ray actors play the honest and the Byzantine workers, the trial's "
+                         "trainable the parameter server (warm: reused across the runs of a Tune trial)", _actors),
 }
 
 

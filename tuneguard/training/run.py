@@ -209,9 +209,8 @@ def engine_info(engine) -> dict[str, str]:
             info["tuneguard.actor_restart_log"] = "\n".join(log)[:4000]
     if getattr(engine, "reused", None) is not None and hasattr(engine, "pool"):
         info["tuneguard.actors_warm"] = "1" if engine.reused else "0"
-        pool = engine.pool
-        if pool is not None:
-            info["tuneguard.actor_nodes"] = str(len(set(pool.nodes())))
+        if engine.pool is not None:
+            info["tuneguard.actor_nodes"] = str(len(set(engine.nodes())))
         startup = getattr(engine, "startup_seconds", math.nan)
         if math.isfinite(startup):
             info["tuneguard.actor_startup_s"] = f"{startup:.3f}"

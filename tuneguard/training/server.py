@@ -9,7 +9,8 @@ GAR ("submit"; 001 Eq. 37), the mean loss, the mean unclipped gradient norm, the
 fraction, ||mean of honest submissions||, ||R_t - that mean|| and ||theta_{t+1}||.
 
 The local engine calls :func:`server_step` with its workers' output; the Ray actor engine's
-parameter-server actor calls the same function with the outputs its worker actors sent. The
+driver (the parameter server; a trial's trainable in a tune job) calls the same function with
+the outputs its worker actors sent. The
 honest-only half (:func:`honest_summary`) may run earlier, while Byzantine workers craft
 (the actor engine overlaps the two).
 """

@@ -1,5 +1,5 @@
-"""The Ray actor engine (``engine: actors``): a parameter-server actor, honest-worker actors and
-a Byzantine actor compute Algorithm 1 of paper 001 with the local engine's step functions, so
+"""The Ray actor engine (``engine: actors``): honest-worker actors, a Byzantine actor and the
+driving process as parameter server (in a tune job, the trial's trainable) compute Algorithm 1 of paper 001 with the local engine's step functions, so
 a run gives the same numbers as ``engine: local`` however the workers are grouped.
 
 - :class:`ActorEngine`      the engine (:mod:`.engine`: data flow, restarts, shutdown)

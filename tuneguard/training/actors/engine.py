@@ -1,23 +1,27 @@
-"""The Ray actor engine: a parameter-server actor, honest-worker actors, a Byzantine actor.
+"""The Ray actor engine: honest-worker actors and a Byzantine actor, with the process that
+drives the run as the parameter server.
 
-One step (Algorithm 1 of paper 001), as the driver submits it without waiting in between:
+One step (Algorithm 1 of paper 001):
 
-    theta_t (ObjectRef, stored once)  ->  HonestWorkers.round  (one call per worker actor)
-    honest outputs (ObjectRefs)       ->  ByzantineWorkers.craft (omniscient: sees them all)
-    honest + Byzantine (ObjectRefs)   ->  ParameterServer.update -> theta_{t+1} (ObjectRef), metrics
+    theta_t (put once in the object store)  ->  HonestWorkers.round  (one call per worker actor)
+    honest outputs (ObjectRefs)             ->  ByzantineWorkers.craft (omniscient: sees them all)
+    honest + Byzantine vectors              ->  server_step here -> theta_{t+1}, metrics
 
-Only the metrics dict comes back to the driver; vectors go actor to actor through the object
-store. The actors call the same step functions as the local engine (:mod:`..step`, and
-:func:`..server.server_step` on the server), keyed by worker id, so a run gives the local
-engine's numbers however the workers are grouped.
+The driver is the parameter server: in a tune job that is the trial's trainable, itself a Ray
+actor, which would otherwise only wait on a separate server actor. It reads the honest outputs
+as soon as they exist (same-node reads map the object store's buffers, no copy) and computes
+their half of the metrics while the Byzantine actor crafts; then the GAR and the update. The
+actors call the same step functions as the local engine (:mod:`..step`), and the server calls
+:func:`..server.server_step`, keyed by worker id, so a run gives the local engine's numbers
+however the workers are grouped.
 
 The actors are warm (:mod:`.pool`): started once per process and layout, reset for each run.
-State lives in ObjectRefs the driver holds: theta_t and each actor's previous output (which
-carries its workers' momentum). Actors keep nothing between steps, so when a worker actor
-dies (killed, OOM) or hangs past ``actors.step_timeout_s``, the engine starts a new one (up to
-``actors.max_restarts`` times per run, a hang only once), hands it the last momentum and
-recomputes the step: the run ends with the numbers of an undisturbed run. When it cannot, it
-raises :class:`WorkerLost`, naming the actor and its worker ids.
+They keep nothing between steps: theta_t and each actor's previous output (which carries its
+workers' momentum) travel as arguments. When a worker actor dies (killed, OOM) or hangs past
+``actors.step_timeout_s``, the engine starts a new one (up to ``actors.max_restarts`` times per
+run, a hang only once), hands it the last momentum and recomputes the step: the run ends with
+the numbers of an undisturbed run. When it cannot, it raises :class:`WorkerLost`, naming the
+actor and its worker ids.
 """
 
 from __future__ import annotations
@@ -36,14 +40,23 @@ from tuneguard.raycluster import RayConnection, connect
 from tuneguard.training.actors import pool as pools
 from tuneguard.training.actors.layout import ActorLayout, plan_layout
 from tuneguard.training.actors.pool import ActorPool, Slot, WorkerLost
-from tuneguard.training.actors.remote import dataset_from_numpy, dataset_to_numpy
+from tuneguard.training.actors.remote import (
+    Packed,
+    dataset_from_numpy,
+    dataset_to_numpy,
+    read_rows,
+    to_tensor,
+)
+from tuneguard.training.metrics import evaluate
+from tuneguard.training.server import HonestSummary, honest_summary, server_step
+from tuneguard.training.step import WorkerOutput
 
 
 @dataclass
 class ActorState:
-    """ObjectRefs to the run's state: theta_t and each actor's output of step t - 1."""
+    """theta_t (here, on the server) and ObjectRefs to each actor's output of step t - 1."""
 
-    theta: ray.ObjectRef
+    theta: torch.Tensor
     honest: list[ray.ObjectRef | None]  # per worker actor: its last output (momentum), None at start
     byz: ray.ObjectRef | None = None  # Byzantine actor's last output (label-flip momentum)
 
@@ -52,8 +65,6 @@ class ActorState:
 class _StepRefs:
     honest: list[ray.ObjectRef | None]
     byz: ray.ObjectRef | None = None
-    theta: ray.ObjectRef | None = None
-    metrics: ray.ObjectRef | None = None
 
 
 class ActorEngine:
@@ -85,8 +96,8 @@ class ActorEngine:
         self.reused = False
         self.restart_log: list[str] = []
         self.placement_group = None
-        self._ahead: tuple[int, ActorState, _StepRefs] | None = None
         self._broken = False
+        self._stack: torch.Tensor | None = None
         from tuneguard.training.plan import InfeasibleBudget
 
         try:
@@ -103,18 +114,19 @@ class ActorEngine:
                 self.pool = ActorPool(layout, **kwargs)
             self.pool.spawn()  # new actors import torch while this process loads the data
             shipped = dataset_from_numpy(ray.get(data)) if data is not None else None
-            # The same data, partition and privacy plan as the local engine, built in this process;
-            # an infeasible budget raises here (the warm actors stay for the next run).
-            ctx = build_context(cfg, "cpu", data=shipped)
-            self.plan = ctx.plan
-            self.label_flip = ctx.label_flip
-            self.d = ctx.d
+            # The same data, partition and privacy plan as the local engine: this process is the
+            # parameter server (GAR, update, evaluation). An infeasible budget raises here (the
+            # warm actors stay for the next run).
+            self.ctx = build_context(cfg, "cuda" if layout.gpus else "cpu", data=shipped)
+            self.plan = self.ctx.plan
+            self.label_flip = self.ctx.label_flip
+            self.d = self.ctx.d
             if data is not None:
                 key, ref = f"ref:{data.hex()}", data
             else:
                 key = json.dumps([cfg.dataset, cfg.data_dir or "", cfg.dataset_params], sort_keys=True, default=str)
-                ref = self.pool.data_ref(key, lambda data=ctx.data: dataset_to_numpy(data))
-            del ctx, shipped
+                ref = self.pool.data_ref(key, lambda data=self.ctx.data: dataset_to_numpy(data))
+            del shipped
             self.pool.reset(cfg, self.plan, key, ref)
             self.startup_seconds = time.perf_counter() - t0
         except InfeasibleBudget:
@@ -136,13 +148,13 @@ class ActorEngine:
             self._check_fits(layout)
             return layout, None, None
         specs = list(pg.bundle_specs)
-        spare = len(specs) - 2 - int(cfg.f > 0)  # bundle 0: this driver; then server [+ Byzantine]
+        spare = len(specs) - 1 - int(cfg.f > 0)  # bundle 0: this driver (the server); then [Byzantine]
         gpu = any(b.get("GPU", 0) > 0 for b in specs[1:])
         layout = plan_layout(cfg, gpu=gpu, n_worker_actors=max(spare, 1))
         if spare < 1 or layout.n_actors + 1 > len(specs):
             raise RuntimeError(
                 f"this run executes inside a Ray placement group with {len(specs)} bundles, but the actor "
-                f"engine needs {layout.n_actors + 1} (1 for the driver, 1 parameter server, "
+                f"engine needs {layout.n_actors + 1} (1 for the driver, which is the parameter server, "
                 f"{len(layout.groups)} honest-worker actors{', 1 Byzantine actor' if layout.byzantine else ''}). "
                 "In Ray Tune, reserve them with tune.with_resources(trainable, "
                 "tuneguard.training.actors.trial_resources(cfg)) for the same config."
@@ -184,10 +196,6 @@ class ActorEngine:
         return self.pool.slots if self.pool is not None else []
 
     @property
-    def server(self):
-        return self._slots[0].handle
-
-    @property
     def worker_actors(self) -> list[Any]:
         """Handles of the honest-worker actors (in worker-id order)."""
         return [s.handle for s in self._slots if s.kind == "workers"]
@@ -195,6 +203,10 @@ class ActorEngine:
     @property
     def byzantine_actor(self):
         return next((s.handle for s in self._slots if s.kind == "byzantine"), None)
+
+    def nodes(self) -> list[str]:
+        """The Ray node ids the run's processes use: this one (the server), then each actor's."""
+        return [ray.get_runtime_context().get_node_id(), *(self.pool.nodes() if self.pool is not None else [])]
 
     def actor_names(self) -> list[str]:
         return self.pool.names() if self.pool is not None else []
@@ -213,11 +225,9 @@ class ActorEngine:
         refs = [s.handle.memory.remote() for s in self._slots]
         return {s.label: m for s, m in zip(self._slots, ray.get(refs, timeout=60), strict=True)}
 
+    # Steps ---------------------------------------------------------------------------------
     def init_state(self) -> ActorState:
-        from tuneguard.training.context import build_theta
-
-        theta = build_theta(self.cfg, "cpu")
-        return ActorState(ray.put(theta.numpy()), [None] * len(self.layout.groups), None)
+        return ActorState(self.ctx.initial_theta(), [None] * len(self.layout.groups), None)
 
     def step(self, state: ActorState, t: int) -> tuple[ActorState, dict[str, float]]:
         try:
@@ -227,57 +237,58 @@ class ActorEngine:
             raise
 
     def _step(self, state: ActorState, t: int) -> tuple[ActorState, dict[str, float]]:
-        refs = self._take_prefetched(state, t) or _StepRefs([None] * len(self.layout.groups))
+        theta_ref = ray.put(state.theta.detach().cpu().numpy())
+        refs = _StepRefs([None] * len(self.layout.groups))
+        timeout = self.cfg.actors.step_timeout_s
         while True:
-            self._submit(state, t, refs)
-            # Pipelining: step t + 1's worker (and Byzantine) calls go out now; Ray starts them
-            # the moment theta_{t+1} exists, while this process is still busy with step t.
-            ahead = self._prefetch(refs, t + 1) if t + 1 < self.plan.steps else None
+            self._submit(state, theta_ref, t, refs)
             try:
-                metrics = ray.get(refs.metrics, timeout=self.cfg.actors.step_timeout_s)
+                # The honest half of the server's work overlaps the Byzantine actor's crafting.
+                honest, summary, stack = self._honest(ray.get(refs.honest, timeout=timeout))
+                byz = ray.get(refs.byz, timeout=timeout) if refs.byz is not None else None
                 break
             except RayError as err:
-                ahead = None  # built on results that may be recomputed: drop it
                 self._recover(err, refs, t)
-        self._ahead = ahead
-        return self._state_after(refs), metrics
+        h = self.cfg.n_honest
+        if byz is not None and byz["vectors"].shape[0]:
+            stack[h:].copy_(to_tensor(byz["vectors"], stack.device))
+        else:
+            stack = stack[:h]
+        theta, metrics = server_step(self.ctx, state.theta, honest, None, t, summary=summary, stacked=stack)
+        return ActorState(theta, refs.honest, refs.byz if self.label_flip else None), metrics
 
-    def _state_after(self, refs: _StepRefs) -> ActorState:
-        return ActorState(refs.theta, refs.honest, refs.byz if self.label_flip else None)
+    def _honest(self, outputs: list[Packed]) -> tuple[WorkerOutput, HonestSummary, torch.Tensor]:
+        """The honest outputs as one WorkerOutput whose ``submit`` rows are the first h rows of
+        an [n, d] buffer the Byzantine vectors then fill: one copy into the GAR's input, not two."""
+        ctx = self.ctx
+        dev = ctx.device
+        n, h = ctx.cfg.n_workers, ctx.cfg.n_honest
+        if self._stack is None or self._stack.shape != (n, ctx.d) or self._stack.device != dev:
+            self._stack = torch.empty(n, ctx.d, device=dev)
+        stack = self._stack
+        row = 0
+        for p in outputs:
+            k = p["submit"].shape[0]
+            stack[row:row + k].copy_(to_tensor(p["submit"], dev))
+            row += k
+        assert row == h, (row, h)
+        sample, loss, grad_norm, clipped = (read_rows([p[k] for p in outputs], dev)
+                                            for k in ("sample", "loss", "grad_norm", "clipped_frac"))
+        out = WorkerOutput(sample, stack[:h], None, loss, grad_norm, clipped)
+        return out, honest_summary(out), stack
 
-    def _prefetch(self, refs: _StepRefs, t: int) -> tuple[int, ActorState, _StepRefs]:
-        state = self._state_after(refs)
-        nxt = _StepRefs([None] * len(self.layout.groups))
-        self._submit(state, t, nxt, server=False)
-        return t, state, nxt
-
-    def _take_prefetched(self, state: ActorState, t: int) -> _StepRefs | None:
-        ahead, self._ahead = self._ahead, None
-        if ahead is None:
-            return None
-        t_ahead, src, refs = ahead
-        same = (t_ahead == t and state.theta is src.theta and state.byz is src.byz
-                and all(a is b for a, b in zip(state.honest, src.honest, strict=True)))
-        return refs if same else None
-
-    def _submit(self, state: ActorState, t: int, refs: _StepRefs, server: bool = True) -> None:
+    def _submit(self, state: ActorState, theta_ref: ray.ObjectRef, t: int, refs: _StepRefs) -> None:
         """Submit whatever part of step t has no result yet; nothing waits here."""
         workers = [s for s in self._slots if s.kind == "workers"]
         for i, slot in enumerate(workers):
             if refs.honest[i] is None:
-                refs.honest[i] = slot.handle.round.remote(state.theta, state.honest[i], t)
+                refs.honest[i] = slot.handle.round.remote(theta_ref, state.honest[i], t)
         byz_slot = self._byz_slot()
         if byz_slot is not None and refs.byz is None:
             if self.label_flip:  # label flippers train on their own; they need no honest vector
-                refs.byz = byz_slot.handle.craft.remote(t, state.theta, state.byz)
+                refs.byz = byz_slot.handle.craft.remote(t, theta_ref, state.byz)
             else:
                 refs.byz = byz_slot.handle.craft.remote(t, None, None, *refs.honest)
-        if server and refs.metrics is None:
-            srv = self._slots[0].handle
-            # Honest-only work on the server while the Byzantine actor crafts (label flippers
-            # already ran beside the honest workers: nothing to overlap with).
-            prepared = srv.prepare.remote(t, *refs.honest) if byz_slot is not None and not self.label_flip else None
-            refs.theta, refs.metrics = srv.update.remote(t, state.theta, refs.byz, prepared, *refs.honest)
 
     def _byz_slot(self) -> Slot | None:
         return next((s for s in self._slots if s.kind == "byzantine"), None)
@@ -311,9 +322,7 @@ class ActorEngine:
                 dead_ids.add(_lost_actor_id(e))
         dead = [s for s in self._slots if s.actor_id in dead_ids]
         if any(s.kind == "workers" for s in hung):
-            hung = [s for s in hung if s.kind == "workers"]  # the others wait on the hung workers
-        if timed_out and not dead and not hung:
-            hung = [self._slots[0]]  # every input was ready: the server is the one that hangs
+            hung = [s for s in hung if s.kind == "workers"]  # the Byzantine actor waits on the workers
         if not dead and not hung:
             raise WorkerLost(f"step {t + 1}: an actor of the run was lost ({err})") from err
         where = f"step {t + 1}"
@@ -329,7 +338,6 @@ class ActorEngine:
                 refs.honest[i] = None
         if byz is not None and (id(byz) in restarted or (not self.label_flip and any(r is None for r in refs.honest))):
             refs.byz = None
-        refs.metrics = refs.theta = None
 
     def _count_timeout(self, slot: Slot, where: str) -> None:
         slot.timeouts += 1
@@ -346,7 +354,7 @@ class ActorEngine:
         self.pool.restart(slot, where, why, err, self.cfg.actors.max_restarts, self.restart_log)
 
     def export_state(self, state: ActorState) -> dict[str, torch.Tensor | None]:
-        theta = torch.from_numpy(ray.get(state.theta).copy())
+        theta = state.theta.detach().cpu().clone()
         momentum = None
         if self.cfg.momentum > 0 and all(r is not None for r in state.honest):
             momentum = torch.cat([torch.from_numpy(ray.get(r)["momentum"].copy()) for r in state.honest])
@@ -364,22 +372,10 @@ class ActorEngine:
         byz = None
         if saved.get("byz_momentum") is not None:
             byz = ray.put({"momentum": np_(saved["byz_momentum"])})
-        return ActorState(ray.put(np_(saved["theta"])), honest, byz)
+        return ActorState(saved["theta"].to(self.ctx.device), honest, byz)
 
     def evaluate(self, state: ActorState) -> tuple[float, float]:
-        server = self._slots[0]
-        while True:
-            try:
-                acc, loss = ray.get(server.handle.evaluate.remote(state.theta), timeout=self.cfg.actors.step_timeout_s)
-                return float(acc), float(loss)
-            except GetTimeoutError as err:
-                self._count_timeout(server, "evaluation")
-                self._restart(server, "evaluation", "hung", err)
-            except RayActorError as err:
-                self._restart(server, "evaluation", "died", err)
-            except BaseException:
-                self._broken = True
-                raise
+        return evaluate(self.ctx, state.theta)
 
     # Shutdown -------------------------------------------------------------------------------
     def close(self, wait_s: float = 10.0, *, keep: bool | None = None) -> None:
@@ -388,7 +384,6 @@ class ActorEngine:
         if self._closed:
             return
         self._closed = True
-        self._ahead = None
         keep = getattr(self, "warm", False) and not self._broken if keep is None else keep
         pool, self.pool = self.pool, None
         if pool is not None:

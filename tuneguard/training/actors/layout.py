@@ -2,16 +2,20 @@
 
 One run of the actor engine creates:
 
-- one ``ParameterServer`` actor (theta, the GAR and the update, the step metrics, evaluation);
 - ``HonestWorkers`` actors, each computing a contiguous range of honest worker ids in one batched
   pass (``ceil(h / workers_per_actor)`` of them when ``actors.workers_per_actor`` is set);
 - one ``ByzantineWorkers`` actor when f > 0 (it crafts the f attack vectors).
 
+The parameter server (theta, the GAR and the update, the step metrics, evaluation) is the
+process that drives the run: in a tune job, the trial's trainable, itself a Ray actor. It
+would otherwise sit idle waiting on a server actor; playing the server itself saves a process
+per trial and one object-store hop per step (BENCHMARKS.md).
+
 Every actor reserves ``cfg.actors.cpus_per_actor`` CPUs and, when the run uses CUDA, an equal
-share of one GPU. Unset, that is 0.25 outside Tune and, in a tune job, an equal share of
+share of one GPU (the driver too: it runs the server step). Unset, that is 0.25 outside Tune and, in a tune job, an equal share of
 ``tune.cpus_per_trial`` for the trainable and each actor (two 1-CPU trials fit on 2 CPUs). Inside a
 Ray Tune trial they go into the trial's placement group, one bundle each; bundle 0 is the
-trainable (the driver of the run), which mostly waits.
+trainable (the driver of the run and its parameter server).
 
 Default grouping (``actors.workers_per_actor: null``): one worker actor per CPU core,
 
@@ -92,8 +96,8 @@ class ActorLayout:
 
     @property
     def n_actors(self) -> int:
-        """Server + worker actors + Byzantine actor."""
-        return 1 + len(self.groups) + int(self.byzantine)
+        """Worker actors + Byzantine actor (the server is the driver, bundle 0)."""
+        return len(self.groups) + int(self.byzantine)
 
     def actor_resources(self) -> dict[str, float]:
         res = {"CPU": self.cpus}
@@ -102,8 +106,8 @@ class ActorLayout:
         return res
 
     def bundles(self) -> list[dict[str, float]]:
-        """Bundle 0: the driver (trainable); then server, worker actors, Byzantine actor."""
-        return [{"CPU": self.cpus}] + [self.actor_resources() for _ in range(self.n_actors)]
+        """Bundle 0: the driver (trainable, parameter server); then worker actors, Byzantine actor."""
+        return [self.actor_resources() for _ in range(self.n_actors + 1)]
 
 
 STANDALONE_CPUS_PER_ACTOR = 0.25  # outside Tune, when actors.cpus_per_actor is not set
@@ -123,9 +127,9 @@ def plan_layout(cfg: ExperimentConfig, *, cpus: float | None = None, gpu: bool |
     else:
         groups = even_groups(h, n_worker_actors or default_worker_actors(h, cpus))
     gpu = uses_gpu(cfg) if gpu is None else gpu
-    n_actors = 1 + len(groups) + int(cfg.f > 0)
-    # A trial reserves one GPU in all, shared by its actors.
-    gpus = round(1.0 / n_actors, 4) if gpu else 0.0
+    n_actors = len(groups) + int(cfg.f > 0)
+    # A trial reserves one GPU in all, shared by its driver (the server) and its actors.
+    gpus = round(1.0 / (n_actors + 1), 4) if gpu else 0.0
     per = cfg.actors.cpus_per_actor
     if per is None:
         # Rounded down to Ray's resource granularity (1e-4) so the bundles never sum past the trial.
@@ -135,8 +139,8 @@ def plan_layout(cfg: ExperimentConfig, *, cpus: float | None = None, gpu: bool |
 
 def trial_resources(cfg: ExperimentConfig, *, cpus: float | None = None, trial_cpus: float | None = None):
     """The ``ray.tune.PlacementGroupFactory`` a Tune trial running ``cfg`` on the actor engine
-    needs: bundle 0 for the trainable, one bundle per actor the engine will create (server,
-    honest-worker actors, Byzantine actor), each ``actors.cpus_per_actor`` CPUs (default: an
+    needs: bundle 0 for the trainable (the parameter server), one bundle per actor the engine
+    will create (honest-worker actors, Byzantine actor), each ``actors.cpus_per_actor`` CPUs (default: an
     equal share of ``trial_cpus``) plus a GPU share on CUDA runs. Use it as
     ``tune.with_resources(trainable, trial_resources(cfg))``; Tune then packs as many trials as
     the cluster holds, without deadlock. ``actors.placement`` is the group's strategy: PACK (the

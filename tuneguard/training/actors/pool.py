@@ -1,4 +1,4 @@
-"""Warm actors: the server, honest-worker and Byzantine actors of a layout, started once and
+"""Warm actors: the honest-worker and Byzantine actors of a layout, started once and
 reset (not restarted) for every run.
 
 A pool belongs to the process that started it (the trainable of a Tune trial, or a script) and
@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
 from tuneguard.training.actors.layout import ActorLayout
-from tuneguard.training.actors.remote import ByzantineWorkers, HonestWorkers, ParameterServer
+from tuneguard.training.actors.remote import ByzantineWorkers, HonestWorkers
 
 
 class WorkerLost(RuntimeError):
@@ -40,7 +40,7 @@ class WorkerLost(RuntimeError):
 class Slot:
     """One actor of the pool and its history of failures in the current run."""
 
-    kind: str  # server | workers | byzantine
+    kind: str  # workers | byzantine
     index: int  # worker actors: 0.., others 0
     workers: list[int]
     options: dict[str, Any]
@@ -58,19 +58,17 @@ class Slot:
     def label(self) -> str:
         if self.kind == "workers":
             return f"honest-worker actor {self.index} (worker ids {_ids(self.workers)})"
-        if self.kind == "byzantine":
-            return f"Byzantine actor (worker ids {_ids(self.workers)})"
-        return "parameter-server actor"
+        return f"Byzantine actor (worker ids {_ids(self.workers)})"
 
 
-_CLASSES = {"server": ParameterServer, "workers": HonestWorkers, "byzantine": ByzantineWorkers}
+_CLASSES = {"workers": HonestWorkers, "byzantine": ByzantineWorkers}
 
 
 class ActorPool:
     """The actors of one layout, in one placement group (or none).
 
     ``bundles``/``pg``: inside a Tune trial, the trial's placement group and its bundle specs
-    (bundle 0 is the trainable; then server, worker actors, Byzantine actor).
+    (bundle 0 is the trainable, the parameter server; then worker actors, Byzantine actor).
     """
 
     def __init__(self, layout: ActorLayout, *, n_honest: int, n_workers: int, threads: int,
@@ -89,8 +87,7 @@ class ActorPool:
         self._closed = False
         self._fresh: set[int] = set()  # slots spawned and not reset yet
         device = "cuda" if layout.gpus else "cpu"
-        roles = [("server", 0, [], ())]
-        roles += [("workers", i, g, (g,)) for i, g in enumerate(layout.groups)]
+        roles = [("workers", i, g, (g,)) for i, g in enumerate(layout.groups)]
         if layout.byzantine:
             roles.append(("byzantine", 0, list(range(n_honest, n_workers)), ()))
         for bundle_index, (kind, index, workers, extra) in enumerate(roles, start=1):

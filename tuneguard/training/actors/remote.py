@@ -1,4 +1,5 @@
-"""The Ray actors of the actor engine. They are warm (started once, reset for each run) and
+"""The Ray actors of the actor engine: honest workers and Byzantine workers (the parameter
+server is the process that drives the run, see :mod:`.engine`). They are warm (started once, reset for each run) and
 stateless between steps: everything a step needs (theta_t, the previous momentum) arrives as an
 argument, by ObjectRef, so a restarted actor recomputes a step exactly, and a step can be
 retried without double-applying momentum.
@@ -20,10 +21,8 @@ import torch
 from tuneguard.config import ExperimentConfig
 from tuneguard.data import Dataset
 from tuneguard.training.context import build_context
-from tuneguard.training.metrics import evaluate
 from tuneguard.training.plan import PrivacyPlan
-from tuneguard.training.server import HonestSummary, honest_summary, server_step
-from tuneguard.training.step import WorkerOutput, byzantine_vectors, worker_round
+from tuneguard.training.step import byzantine_vectors, worker_round
 
 Packed = dict[str, Any]  # str -> numpy array (what actors return)
 
@@ -150,76 +149,12 @@ class ByzantineWorkers(_Role):
         if ctx.label_flip:
             mom = to_tensor(prev.get("momentum"), self.device) if prev else None
             flipped = worker_round(ctx, to_tensor(theta, self.device), mom, ids, t, flip=True)
-        submit = _rows([h["submit"] for h in honest], self.device) if honest else torch.empty(0, ctx.d, device=self.device)
+        submit = read_rows([h["submit"] for h in honest], self.device) if honest else torch.empty(0, ctx.d, device=self.device)
         vectors = byzantine_vectors(ctx, submit, t, flipped, gar=ctx.gar)
         return pack(vectors=vectors, momentum=flipped.momentum if flipped is not None else None)
 
 
-@ray.remote
-class ParameterServer(_Role):
-    """Step 4 through :func:`tuneguard.training.server.server_step`, the step metrics, evaluation.
-
-    ``prepare`` (honest outputs only: stacking, honest metrics) runs while the Byzantine actor
-    crafts; ``update`` then needs only the GAR. ``update`` receives the honest outputs too and
-    redoes ``prepare`` itself when it has no result for this step (a restarted server).
-    """
-
-    def __init__(self, *args):
-        super().__init__(*args)
-        self._prepared: tuple[int, WorkerOutput, HonestSummary, torch.Tensor] | None = None
-        self._stack: torch.Tensor | None = None
-
-    def reset(self, *args) -> tuple[int, str, str]:
-        self._prepared = None
-        return super().reset(*args)
-
-    def prepare(self, t: int, *honest: Packed) -> int:
-        self._prepared = (t, *self._honest(honest))
-        return t
-
-    def _honest(self, honest: tuple[Packed, ...]) -> tuple[WorkerOutput, HonestSummary, torch.Tensor]:
-        """The honest outputs as one WorkerOutput whose ``submit`` rows are the first h rows of
-        an [n, d] buffer the Byzantine vectors then fill: one copy into the GAR's input, not two."""
-        ctx, dev = self.ctx, self.device
-        n, h = ctx.cfg.n_workers, ctx.cfg.n_honest
-        if self._stack is None or self._stack.shape != (n, ctx.d) or self._stack.device != dev:
-            self._stack = torch.empty(n, ctx.d, device=dev)
-        stack = self._stack
-        row = 0
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_NOT_WRITABLE)
-            for p in honest:
-                k = p["submit"].shape[0]
-                stack[row:row + k].copy_(torch.from_numpy(p["submit"]))
-                row += k
-        assert row == h, (row, h)
-        sample, loss, grad_norm, clipped = (_rows([p[k] for p in honest], dev)
-                                            for k in ("sample", "loss", "grad_norm", "clipped_frac"))
-        out = WorkerOutput(sample, stack[:h], None, loss, grad_norm, clipped)
-        return out, honest_summary(out), stack
-
-    @ray.method(num_returns=2)
-    def update(self, t: int, theta: np.ndarray, byz: Packed | None, prepared: int | None,
-               *honest: Packed) -> tuple[np.ndarray, dict[str, float]]:
-        ctx, dev = self.ctx, self.device
-        if prepared == t and self._prepared is not None and self._prepared[0] == t:
-            out, summary, stack = self._prepared[1:]
-        else:
-            out, summary, stack = self._honest(honest)
-        self._prepared = None
-        h = ctx.cfg.n_honest
-        if byz is not None and byz["vectors"].shape[0]:
-            stack[h:].copy_(to_tensor(byz["vectors"], dev))
-        else:
-            stack = stack[:h]
-        new_theta, metrics = server_step(ctx, to_tensor(theta, dev), out, None, t, summary=summary, stacked=stack)
-        return new_theta.detach().cpu().numpy(), metrics
-
-    def evaluate(self, theta: np.ndarray) -> tuple[float, float]:
-        return evaluate(self.ctx, to_tensor(theta, self.device))
-
-
-def _rows(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
+def read_rows(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
     """The rows of ``arrays`` as one tensor, for reading only: a single CPU array is viewed in
     place (the object store's buffer, no copy: one worker actor per trial is the common case),
     several are concatenated."""
