@@ -1,6 +1,7 @@
 """The Ray actor engine (``engine: actors``): honest-worker actors, a Byzantine actor and the
-driving process as parameter server (in a tune job, the trial's trainable) compute Algorithm 1 of paper 001 with the local engine's step functions, so
-a run gives the same numbers as ``engine: local`` however the workers are grouped.
+driving process as parameter server (in a tune job, the trial's trainable) compute Algorithm 1
+of paper 001 with the local engine's step functions, so a run gives the same numbers as
+``engine: local`` however the workers are grouped.
 
 - :class:`ActorEngine`      the engine (:mod:`.engine`: data flow, restarts, shutdown)
 - :class:`ActorPool`        warm actors: started once per process and layout, reset per run
