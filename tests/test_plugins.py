@@ -148,12 +148,14 @@ def test_train_cli_with_plugin_model_and_dataset(plugin_path, tracking_uri):
 
 @pytest.mark.slow
 def test_two_trial_tune_job_with_plugin_model_and_dataset(plugin_path, tmp_path):
-    """A real `tuneguard tune` process (Ray starts there and its trial processes import the
-    plugins through PYTHONPATH), searching over model_params like any other key."""
+    """A real `tuneguard tune` process (Ray starts there; its trial processes and their actors
+    import the plugins through PYTHONPATH), searching over model_params like any other key, on
+    the actor engine: the local engine's numbers."""
+    base = {"name": "tg-plugins", "dataset": "custom_model:stripes", "dataset_params": {"n": 600},
+            "model": "custom_model:GNNet", "n_workers": 3, "steps": 4, "eval_every": 2, "batch_size": 16,
+            "momentum": 0.9, "lr": 0.1, "f": 0, "attack": "none"}
     space = {
-        "base": {"name": "tg-plugins", "dataset": "custom_model:stripes", "dataset_params": {"n": 600},
-                 "model": "custom_model:GNNet", "n_workers": 3, "steps": 4, "eval_every": 2, "batch_size": 16,
-                 "momentum": 0.9, "lr": 0.1, "engine": "local", "f": 0, "attack": "none"},
+        "base": {**base, "engine": "actors"},
         "scenario": {"privacy": {"mode": "none"}},
         "search": {"model_params.width": [4, 6]},
         "tune": {"mode": "grid", "seed": 0, "scheduler": "none"},
@@ -177,6 +179,15 @@ def test_two_trial_tune_job_with_plugin_model_and_dataset(plugin_path, tmp_path)
                           "and tags.`tuneguard.kind` = 'trial'")
     assert len(runs) == 2
     assert sorted(r.data.params["model_params.width"] for r in runs) == ["4", "6"]
+    from tuneguard.training import train
+
+    for r in runs:
+        assert r.data.tags["engine"] == "actors" and "tuneguard.actors_warm" in r.data.tags, r.data.tags
+        width = int(r.data.params["model_params.width"])
+        local = train(build_config({**base, "model_params": {"width": width}, "privacy": {"mode": "none"},
+                                    "engine": "local"}), track=False)
+        history = cl.get_metric_history(r.info.run_id, "param_norm")
+        assert max(history, key=lambda m: m.step).value == pytest.approx(local.history[-1]["param_norm"], rel=1e-5)
 
 
 # The shipped CNN --------------------------------------------------------------------------------
