@@ -209,3 +209,19 @@ def test_convnet_reaches_97_percent_on_mnist_without_dp(data_dir):
         torch.set_num_threads(threads)
     assert result.status == "FINISHED"
     assert result.max_cross_accuracy >= 0.97, result.max_cross_accuracy
+
+
+def test_list_shows_every_registry():
+    """`tuneguard list` names every built-in rule, attack, model and dataset, and how to bring your own."""
+    from tuneguard.aggregators import AGGREGATORS
+    from tuneguard.attacks import ATTACKS
+    from tuneguard.data import DATASETS
+    from tuneguard.models import MODELS
+
+    for what, registry, hint in (("aggregators", AGGREGATORS, "nnm+krum"), ("attacks", ATTACKS, None),
+                                 ("models", MODELS, "package.module:callable"),
+                                 ("datasets", DATASETS, "torchvision:NAME")):
+        res = runner.invoke(app, ["list", what], env={"COLUMNS": "200"})
+        assert res.exit_code == 0, res.output
+        assert all(name in res.output for name in registry), (what, res.output)
+        assert hint is None or hint in res.output
