@@ -90,3 +90,12 @@ def test_bad_input_is_one_line_exit_2(args, msg):
     assert "Traceback" not in res.output
     lines = [ln for ln in res.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: ") and msg in lines[0], res.output
+
+
+def test_pld_is_a_choice_and_best_under_poisson_is_the_tightest_poisson_method():
+    res = run("--sigma", "0.01", *PAPER, "--accountants", "rdp,pld,rdp_wor", "--sampling", "poisson", "--json")
+    assert res.exit_code == 0, res.output
+    row = json.loads(res.output)["totals"][0]
+    assert row["eps"]["pld"] == pytest.approx(spent(0.01, 2, 500, 60000, 300, 1e-5, method="pld").eps)
+    poisson = {k: row["eps"][k] for k in ("rdp", "pld")}
+    assert row["best"] == min(poisson, key=poisson.get) and row["best_eps"] == pytest.approx(min(poisson.values()))

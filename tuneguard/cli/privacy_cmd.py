@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-ALL_ACCOUNTANTS = ("rdp", "prv", "rdp_wor", "advanced")
+ALL_ACCOUNTANTS = ("rdp", "prv", "pld", "rdp_wor", "advanced")
 _SOLVE_DEFAULT = ("rdp", "rdp_wor", "advanced")
 
 
@@ -54,7 +54,7 @@ def privacy(
     dataset_size: Annotated[int, typer.Option("--dataset-size", help="Local dataset size m of a worker.")] = 60000,
     steps: Annotated[int, typer.Option("--steps", help="Number of steps T.")] = 300,
     sampling: Annotated[str, typer.Option("--sampling", help="How batches are drawn: without_replacement (tuneguard) or poisson; picks the methods 'best' may use.")] = "without_replacement",
-    accountants: Annotated[str | None, typer.Option("--accountants", help="Comma-separated subset of rdp,prv,rdp_wor,advanced (default: all; rdp,rdp_wor,advanced when solving, PRV is slow to invert).")] = None,
+    accountants: Annotated[str | None, typer.Option("--accountants", help="Comma-separated subset of rdp,prv,pld,rdp_wor,advanced (default: all; rdp,rdp_wor,advanced when solving: PRV and PLD are slow to invert).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")] = False,
 ) -> None:
     """Per-step DP noise for each calibration and the total privacy budget by each accountant."""
@@ -161,7 +161,7 @@ def _compute(eps_step, sigma, target_eps, delta, clip, batch, m, steps, sampling
     return out
 
 
-_ELIGIBLE = {"without_replacement": ("rdp_wor", "advanced"), "poisson": ("rdp", "prv")}
+_ELIGIBLE = {"without_replacement": ("rdp_wor", "advanced"), "poisson": ("rdp", "prv", "pld")}
 
 
 def _print(res: dict) -> None:
