@@ -162,6 +162,53 @@ def test_train_loop_label_flip_and_resume_match_local(ray_cluster, data_dir):
     assert _our_actors() == []
 
 
+@pytest.mark.slow
+def test_concurrent_runs_share_the_warm_actors(ray_cluster, data_dir):
+    """Two runs at once (as a Tune trial runs its attacks) go through one set of actors, each
+    with its own context on them, and each gives the local engine's numbers; a worker actor
+    killed under them is replaced once (by whichever run saw it first) and both runs recover."""
+    import threading
+
+    shutdown_warm()
+    a = cfg_of(gar="median", attack="little", privacy={"mode": "per_step"}, steps=5, actors={"workers_per_actor": 2})
+    b = cfg_of(gar="krum", attack="empire", privacy={"mode": "none"}, seed=7, steps=5, actors={"workers_per_actor": 2})
+    engines = [ActorEngine(a), ActorEngine(b)]
+    results, errors = {}, []
+
+    def go(i, cfg):
+        try:
+            state, history = engines[i].init_state(), []
+            for t in range(cfg.steps):
+                state, m = engines[i].step(state, t)
+                history.append(m)
+                if i == 0 and t == 1:
+                    engines[0]._kill_worker_for_test(0)
+            results[i] = (engines[i].export_state(state), history, engines[i].evaluate(state))
+        except BaseException as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    try:
+        pool = engines[0].pool
+        assert engines[1].pool is pool and engines[1].reused and pool.users == 2
+        started = pool.started
+        threads = [threading.Thread(target=go, args=(i, c)) for i, c in enumerate((a, b))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(timeout=300)
+        assert not errors, errors
+        assert pool.started == started + 1  # one replacement for both runs
+        assert engines[0].restarts + engines[1].restarts == 1
+    finally:
+        for e in engines:
+            e.close()
+    assert_same(results[0], local_reference(a))
+    assert_same(results[1], local_reference(b))
+    assert warm_pool() is pool and pool.users == 0 and pool.alive()  # warm for the next run
+    shutdown_warm()
+    assert _our_actors() == []
+
+
 # Faults ------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_dead_and_hung_workers_are_replaced_then_the_run_stops_by_name(ray_cluster, data_dir, tracking_uri):

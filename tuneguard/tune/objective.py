@@ -179,10 +179,8 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
     live = [s for s in specs if s.key not in done]
     _drop_unfinished_attempts(job, existing, [s.key for s in live if s.key not in resume],
                               {v.get("run_id") for v in (*done.values(), *resume.values())})
-    # Local runs of a trial go side by side (threads on the trial's CPUs), meeting at evaluation
-    # steps. The actor engine's runs go one after another through the trial's warm actors (one
-    # pool per process: the actors hold one run's context at a time).
-    sequential = len(specs) > 1 and specs[0].cfg.engine == "actors"
+    # The runs of a trial go side by side (threads; on the actor engine through the same warm
+    # actors, which hold one context per run), meeting at evaluation steps.
     lock = Lockstep([])
     multi = len(specs) > 1
     run_ids: dict[str, str] = {k: v.get("run_id") or "" for k, v in done.items()}
@@ -231,7 +229,7 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
         t.start()
 
     # Runs start one at a time: the next starts when the previous has reached its first
-    # evaluation (and waits there) or, with the actor engine, has finished. Building a run
+    # evaluation (and waits there). Building a run
     # (data, model init) then never overlaps another run's: model initialisation seeds torch's
     # global generator, which threads share, and the numbers must not depend on the timing.
     pending = list(live)
@@ -243,12 +241,12 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
             arrived = lock.wait()
             if lock.errors:
                 break
-            if pending and (not sequential or not arrived):
+            if pending:
                 start(pending.pop(0))
                 continue
             if not arrived:
                 break
-            if not pending:  # sequential runs report during the last one (earlier ones are complete)
+            if not pending:
                 metrics = _intermediate(lock, specs, done)
                 metrics["run_ids"] = ",".join(v for v in run_ids.values() if v)
                 ck_state, marker = _checkpoint_set(lock, done, live)

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -65,6 +66,7 @@ class ActorState:
 class _StepRefs:
     honest: list[ray.ObjectRef | None]
     byz: ray.ObjectRef | None = None
+    sent: dict[int, Any] = field(default_factory=dict)  # slot position -> the handle its call went to
 
 
 class ActorEngine:
@@ -98,6 +100,9 @@ class ActorEngine:
         self.placement_group = None
         self._broken = False
         self._stack: torch.Tensor | None = None
+        self.run_key = uuid.uuid4().hex  # this run's context on the (possibly shared) actors
+        self._restarts: dict[int, int] = {}  # slot position -> restarts in this run
+        self._timeouts: dict[int, int] = {}
         from tuneguard.training.plan import InfeasibleBudget
 
         try:
@@ -112,6 +117,7 @@ class ActorEngine:
                 self.pool, self.reused = pools.acquire(layout, **kwargs)
             else:
                 self.pool = ActorPool(layout, **kwargs)
+                self.pool.users = 1
             self.pool.spawn()  # new actors import torch while this process loads the data
             shipped = dataset_from_numpy(ray.get(data)) if data is not None else None
             # The same data, partition and privacy plan as the local engine: this process is the
@@ -127,7 +133,7 @@ class ActorEngine:
                 key = json.dumps([cfg.dataset, cfg.data_dir or "", cfg.dataset_params], sort_keys=True, default=str)
                 ref = self.pool.data_ref(key, lambda data=self.ctx.data: dataset_to_numpy(data))
             del shipped
-            self.pool.reset(cfg, self.plan, key, ref)
+            self.pool.attach(self.run_key, cfg, self.plan, key, ref)
             self.startup_seconds = time.perf_counter() - t0
         except InfeasibleBudget:
             self.close()
@@ -280,15 +286,24 @@ class ActorEngine:
     def _submit(self, state: ActorState, theta_ref: ray.ObjectRef, t: int, refs: _StepRefs) -> None:
         """Submit whatever part of step t has no result yet; nothing waits here."""
         workers = [s for s in self._slots if s.kind == "workers"]
+        run = self.run_key
+        assert self.pool is not None
+        with self.pool.lock:  # not while a sibling run replaces an actor and resets it for us
+            self._submit_locked(state, theta_ref, t, refs, workers, run)
+
+    def _submit_locked(self, state: ActorState, theta_ref: ray.ObjectRef, t: int, refs: _StepRefs,
+                       workers: list[Slot], run: str) -> None:
         for i, slot in enumerate(workers):
             if refs.honest[i] is None:
-                refs.honest[i] = slot.handle.round.remote(theta_ref, state.honest[i], t)
+                refs.sent[i] = slot.handle
+                refs.honest[i] = slot.handle.round.remote(run, theta_ref, state.honest[i], t)
         byz_slot = self._byz_slot()
         if byz_slot is not None and refs.byz is None:
+            refs.sent[len(workers)] = byz_slot.handle
             if self.label_flip:  # label flippers train on their own; they need no honest vector
-                refs.byz = byz_slot.handle.craft.remote(t, theta_ref, state.byz)
+                refs.byz = byz_slot.handle.craft.remote(run, t, theta_ref, state.byz)
             else:
-                refs.byz = byz_slot.handle.craft.remote(t, None, None, *refs.honest)
+                refs.byz = byz_slot.handle.craft.remote(run, t, None, None, *refs.honest)
 
     def _byz_slot(self) -> Slot | None:
         return next((s for s in self._slots if s.kind == "byzantine"), None)
@@ -320,7 +335,7 @@ class ActorEngine:
                 if _lost_actor_id(e) is None:
                     raise
                 dead_ids.add(_lost_actor_id(e))
-        dead = [s for s in self._slots if s.actor_id in dead_ids]
+        dead = [s for s in self._slots if s.actor_id in dead_ids or (s.past_ids & dead_ids)]
         if any(s.kind == "workers" for s in hung):
             hung = [s for s in hung if s.kind == "workers"]  # the Byzantine actor waits on the workers
         if not dead and not hung:
@@ -329,8 +344,10 @@ class ActorEngine:
         for slot in hung:
             if slot not in dead:
                 self._count_timeout(slot, where)
+        positions = {id(s): i for i, s in enumerate(self._slots)}
         for slot in dead + [s for s in hung if s not in dead]:
-            self._restart(slot, where, "died" if slot in dead else "hung", err)
+            seen = refs.sent.get(positions[id(slot)], slot.handle)
+            self._restart(slot, seen, where, "died" if slot in dead else "hung", err)
         # Drop the results of restarted actors and of everything downstream of them.
         restarted = {id(s) for s in dead + hung}
         for i, slot in enumerate(workers):
@@ -340,8 +357,9 @@ class ActorEngine:
             refs.byz = None
 
     def _count_timeout(self, slot: Slot, where: str) -> None:
-        slot.timeouts += 1
-        if slot.timeouts > 1:
+        pos = self._slots.index(slot)
+        self._timeouts[pos] = self._timeouts.get(pos, 0) + 1
+        if self._timeouts[pos] > 1:
             raise WorkerLost(
                 f"{where}: the {slot.label} did not answer within actors.step_timeout_s="
                 f"{self.cfg.actors.step_timeout_s:g} s, again after a restart; the run stops. "
@@ -349,9 +367,25 @@ class ActorEngine:
                 slot.label, slot.workers,
             )
 
-    def _restart(self, slot: Slot, where: str, why: str, err: BaseException) -> None:
+    def _restart(self, slot: Slot, seen: Any, where: str, why: str, err: BaseException) -> None:
+        """Replace ``slot``'s actor (``seen``: the handle our failed call went to); counts
+        against ``actors.max_restarts`` for this run. When a sibling run sharing the pool has
+        already replaced it, the step is only resubmitted."""
         assert self.pool is not None
-        self.pool.restart(slot, where, why, err, self.cfg.actors.max_restarts, self.restart_log)
+        limit = self.cfg.actors.max_restarts
+        pos = self._slots.index(slot)
+        done = self._restarts.get(pos, 0)
+        if slot.handle is seen and done >= limit:
+            raise WorkerLost(
+                f"{where}: the {slot.label} {why} ({type(err).__name__}) and "
+                + (f"has already been restarted {limit} time(s) (actors.max_restarts={limit})"
+                   if limit else "restarts are disabled (actors.max_restarts=0)")
+                + "; the run stops.",
+                slot.label, slot.workers,
+            ) from None
+        if self.pool.restart(slot, seen):
+            self._restarts[pos] = done + 1
+            self.restart_log.append(f"{where}: restarted the {slot.label} ({why}), restart {done + 1}/{limit}")
 
     def export_state(self, state: ActorState) -> dict[str, torch.Tensor | None]:
         theta = state.theta.detach().cpu().clone()
@@ -387,8 +421,9 @@ class ActorEngine:
         keep = getattr(self, "warm", False) and not self._broken if keep is None else keep
         pool, self.pool = self.pool, None
         if pool is not None:
-            if keep and pool.alive():
-                pools.release(pool)
+            pool.detach(self.run_key)
+            if getattr(self, "warm", False):
+                pools.release(pool, broken=not keep)
             else:
                 pool.kill(wait_s)
         if self._conn is not None:

@@ -1,5 +1,5 @@
-"""Warm actors: the honest-worker and Byzantine actors of a layout, started once and
-reset (not restarted) for every run.
+"""Warm actors: the honest-worker and Byzantine actors of a layout, started once and reset (not
+restarted) for every run.
 
 A pool belongs to the process that started it (the trainable of a Tune trial, or a script) and
 dies with it. Inside a Ray connection this process does not own (a Tune trial, or the caller's
@@ -7,10 +7,15 @@ own ``ray.init``), :func:`acquire` keeps the pool after a run ends and hands it 
 with the same layout in the same placement group: the runs of a trial (attacks x seeds) and,
 when Tune reuses the trial's process (``reuse_actors``), the trials of a job start no new actor.
 
-Between runs each actor gets ``reset(cfg, plan, data_key, [data])``: it rebuilds its run
-context (partition, model, buffers) and fetches the dataset from the object store only when
-``data_key`` changed. Momentum and parameters travel with each step (ObjectRefs the engine
-holds), so nothing of an earlier run can leak into the next one.
+Several runs may use a pool at once (the runs of a trial go side by side, as on the local
+engine): each :meth:`ActorPool.attach`\ es under its own key, and every actor keeps one run
+context per key. Their calls interleave on the actors, so one run's workers compute while the
+other run's server aggregates: the gaps of a step's dependent hops are filled.
+
+``attach(run, cfg, plan, data_key, data)`` has each actor rebuild its context for the run
+(partition, model, buffers) and fetch the dataset from the object store only when it lacks
+``data_key``. Momentum and parameters travel with each step (ObjectRefs the engine holds), so
+nothing of an earlier or a concurrent run can leak into another one.
 """
 
 from __future__ import annotations
@@ -46,8 +51,6 @@ class Slot:
     options: dict[str, Any]
     args: tuple
     handle: Any = None
-    restarts: int = 0  # in the current run
-    timeouts: int = 0  # in the current run
     starts: int = 0  # processes started for this slot, over the pool's life
     pids: list[int] = field(default_factory=list)
     actor_id: str | None = None  # hex id of the running actor (reported by the actor itself)
@@ -82,8 +85,11 @@ class ActorPool:
         self.name_prefix = f"tuneguard-{uuid.uuid4().hex[:8]}"
         self.slots: list[Slot] = []
         self.runs = 0  # runs this pool has served
+        self.users = 0  # engines using it now (see acquire / release)
+        self.poisoned = False  # a run failed on it: killed once its last user leaves, never reused
         self.data_refs: dict[str, ray.ObjectRef] = {}  # data key -> packed dataset in the object store
-        self._current: tuple | None = None  # the reset arguments of the current run
+        self._attached: dict[str, tuple] = {}  # run key -> the reset arguments of that run
+        self.lock = threading.RLock()  # held while actors change: engines submit under it
         self._closed = False
         self._fresh: set[int] = set()  # slots spawned and not reset yet
         device = "cuda" if layout.gpus else "cpu"
@@ -126,42 +132,58 @@ class ActorPool:
 
     # Runs ------------------------------------------------------------------------------------
     def data_ref(self, key: str, make) -> ray.ObjectRef:
-        """The packed dataset ``key`` in the object store, put once per pool (``make()`` packs it)."""
-        ref = self.data_refs.get(key)
-        if ref is None:
-            self.data_refs = {key: ray.put(make())}  # one dataset at a time: the old one is freed
-            ref = self.data_refs[key]
-        return ref
+        """The packed dataset ``key`` in the object store, put once per pool (``make()`` packs it);
+        datasets no attached run uses are freed."""
+        with self.lock:
+            ref = self.data_refs.get(key)
+            if ref is None:
+                used = {args[2] for args in self._attached.values()}
+                self.data_refs = {k: v for k, v in self.data_refs.items() if k in used}
+                ref = self.data_refs[key] = ray.put(make())
+            return ref
 
     def spawn(self) -> None:
         """Start the actors not started yet, without waiting: each imports torch, seconds of CPU,
-        which can overlap whatever the caller does before :meth:`reset` (loading the data)."""
-        for s in self.slots:
-            if s.handle is None:
-                self._spawn(s)
-                self._fresh.add(id(s))
+        which can overlap whatever the caller does before :meth:`attach` (loading the data)."""
+        with self.lock:
+            for s in self.slots:
+                if s.handle is None:
+                    self._spawn(s)
+                    self._fresh.add(id(s))
 
-    def reset(self, cfg, plan, data_key: str, data: ray.ObjectRef) -> None:
-        """Start (first run) or reset every actor for a run of ``cfg``; waits until all are ready."""
-        self._current = (cfg, plan, data_key, [data])
-        self.runs += 1
-        for s in self.slots:
-            s.restarts = s.timeouts = 0
-        self.spawn()
-        fresh = [s for s in self.slots if id(s) in self._fresh]
-        self._fresh = set()
-        try:
-            self._wait_ready(self.slots, first=bool(fresh))
-        except WorkerLost:
-            if len(fresh) == len(self.slots):
-                raise
-            # A warm actor died between runs (killed, OOM): replace the dead ones, once.
-            dead = [s for s in self.slots if s not in fresh and not _responds(s.handle)]
-            if not dead:
-                raise
-            for s in dead:
-                self._spawn(s)
-            self._wait_ready(self.slots, first=True)
+    def attach(self, run: str, cfg, plan, data_key: str, data: ray.ObjectRef) -> None:
+        """Start (first run) or reset every actor for run ``run`` of ``cfg``; waits until all are ready."""
+        with self.lock:
+            self._attached[run] = (cfg, plan, data_key, [data])
+            self.runs += 1
+            self.spawn()
+            fresh = [s for s in self.slots if id(s) in self._fresh]
+            self._fresh = set()
+            try:
+                self._wait_ready(self.slots, [run], first=bool(fresh))
+            except WorkerLost:
+                if len(fresh) == len(self.slots):
+                    raise
+                # A warm actor died between runs (killed, OOM): replace the dead ones, once.
+                dead = [s for s in self.slots if s not in fresh and not _responds(s.handle)]
+                if not dead:
+                    raise
+                for s in dead:
+                    self._spawn(s)
+                self._wait_ready(dead, list(self._attached), first=True)
+                self._wait_ready([s for s in self.slots if s not in dead], [run], first=True)
+
+    def detach(self, run: str) -> None:
+        """Run ``run`` is over: its actors forget it (without waiting)."""
+        with self.lock:
+            if self._attached.pop(run, None) is None or self._closed:
+                return
+            for s in self.slots:
+                if s.handle is not None:
+                    try:
+                        s.handle.drop.remote(run)
+                    except Exception:  # a dead actor has nothing to forget
+                        pass
 
     def _spawn(self, slot: Slot) -> None:
         if slot.actor_id:
@@ -169,14 +191,16 @@ class ActorPool:
         slot.starts += 1
         slot.handle = _CLASSES[slot.kind].options(name=self._name(slot), **slot.options).remote(*slot.args)
 
-    def _wait_ready(self, slots: list[Slot], first: bool = False) -> None:
-        assert self._current is not None
+    def _wait_ready(self, slots: list[Slot], runs: list[str], first: bool = False) -> None:
+        """Reset ``slots`` for each of ``runs`` (attached run keys) and wait until they answer."""
         timeout = self.ready_timeout_s
-        refs = [s.handle.reset.remote(*self._current) for s in slots]
+        calls = [(s, s.handle.reset.remote(*self._attached[r], r)) for r in runs for s in slots]
+        if not calls:
+            calls = [(s, s.handle.ready.remote()) for s in slots]
         try:
-            out = ray.get(refs, timeout=timeout)
+            out = ray.get([ref for _, ref in calls], timeout=timeout)
         except RayActorError as err:
-            slot = next((s for s, r in zip(slots, refs, strict=True) if _failed(r)), None)
+            slot = next((s for s, r in calls if _failed(r)), None)
             what = slot.label if slot else "an actor of the run"
             raise WorkerLost(f"the {what} died while starting: {err}", slot.label if slot else "",
                              slot.workers if slot else []) from None
@@ -187,29 +211,25 @@ class ActorPool:
                 f"{ray.available_resources()}). Lower actors.cpus_per_actor, raise actors.workers_per_actor, "
                 "or in Ray Tune use trial_resources(cfg)."
             ) from None
-        for s, (pid, actor_id, node_id) in zip(slots, out, strict=True):
+        for (s, _), (pid, actor_id, node_id) in zip(calls, out, strict=True):
             if not s.pids or s.pids[-1] != pid:
                 s.pids.append(pid)
             s.actor_id, s.node_id = actor_id, node_id
 
-    def restart(self, slot: Slot, where: str, why: str, err: BaseException, limit: int, log: list[str]) -> None:
-        """Replace ``slot``'s actor by a new one, reset for the current run (counts against ``limit``)."""
-        if slot.restarts >= limit:
-            raise WorkerLost(
-                f"{where}: the {slot.label} {why} ({type(err).__name__}) and "
-                + (f"has already been restarted {limit} time(s) (actors.max_restarts={limit})"
-                   if limit else "restarts are disabled (actors.max_restarts=0)")
-                + "; the run stops.",
-                slot.label, slot.workers,
-            ) from None
-        try:
-            ray.kill(slot.handle, no_restart=True)
-        except Exception:  # already gone
-            pass
-        slot.restarts += 1
-        log.append(f"{where}: restarted the {slot.label} ({why}), restart {slot.restarts}/{limit}")
-        self._spawn(slot)
-        self._wait_ready([slot])
+    def restart(self, slot: Slot, seen: Any) -> bool:
+        """Replace ``slot``'s actor by a new one, reset for every attached run. ``seen``: the
+        handle the caller's failed call went to; when another run has already replaced it, this
+        only returns False (the caller resubmits to the new actor)."""
+        with self.lock:
+            if slot.handle is not seen:
+                return False
+            try:
+                ray.kill(slot.handle, no_restart=True)
+            except Exception:  # already gone
+                pass
+            self._spawn(slot)
+            self._wait_ready([slot], list(self._attached))
+            return True
 
     def alive(self) -> bool:
         return not self._closed and all(s.handle is not None for s in self.slots)
@@ -223,7 +243,7 @@ class ActorPool:
         for s in self.slots:
             s.handle = None
         self.data_refs = {}
-        self._current = None
+        self._attached = {}
         if handles and ray.is_initialized():
             for h in handles:
                 try:
@@ -243,25 +263,38 @@ _WARM_LOCK = threading.Lock()
 
 def acquire(layout: ActorLayout, **kwargs: Any) -> tuple[ActorPool, bool]:
     """This process's warm pool when it matches ``layout`` (and the placement group), else a new
-    pool (the old one is killed: its bundles are needed). Returns (pool, reused)."""
+    pool, which becomes the warm one unless the warm one is in use by another run (its bundles
+    are then needed: the old unused one is killed). Returns (pool, reused); pair with
+    :func:`release`."""
     global _WARM
     with _WARM_LOCK:
         candidate = ActorPool(layout, **kwargs)
-        warm, _WARM = _WARM, None
-        if warm is not None and warm.alive() and warm.signature() == candidate.signature():
+        warm = _WARM
+        if warm is not None and warm.alive() and not warm.poisoned and warm.signature() == candidate.signature():
+            warm.users += 1
             return warm, True
-        if warm is not None:
+        if warm is not None and warm.users == 0:
             warm.kill()
+            _WARM = None
+        if _WARM is None:
+            _WARM = candidate
+        candidate.users += 1
         return candidate, False
 
 
-def release(pool: ActorPool) -> None:
-    """Keep ``pool`` warm for the next run of this process."""
+def release(pool: ActorPool, *, broken: bool = False) -> None:
+    """A run is done with ``pool``: it stays warm for the next run of this process, unless a run
+    failed on it (``broken``: killed once no other run uses it) or it is not the warm pool."""
     global _WARM
     with _WARM_LOCK:
-        old, _WARM = _WARM, pool
-        if old is not None and old is not pool:
-            old.kill()
+        pool.users = max(0, pool.users - 1)
+        pool.poisoned = pool.poisoned or broken or not pool.alive()
+        if pool.users:
+            return
+        if pool.poisoned or pool is not _WARM:
+            if pool is _WARM:
+                _WARM = None
+            pool.kill()
 
 
 def shutdown_warm() -> None:

@@ -83,29 +83,40 @@ class _Role:
     """Shared set-up: threads, the device; the run's RunContext, rebuilt by :meth:`reset`.
 
     An actor outlives runs: the pool (:mod:`.pool`) starts it once and calls ``reset`` at the
-    start of every run. The dataset is fetched from the object store once per actor (by key) and
-    kept; ``reset`` only rebuilds the cheap parts (partition, model, buffers).
+    start of every run. It may serve several runs at once (the runs of a Tune trial go side by
+    side through the trial's actors, their calls interleaving), each under its own key, with its
+    own run context; ``drop`` forgets a finished run. The dataset is fetched from the object
+    store once per actor (by data key) and kept while a run uses it; ``reset`` only rebuilds the
+    cheap parts (partition, model, buffers).
     """
 
     def __init__(self, device: str, threads: int):
         torch.set_num_threads(max(1, threads))
         warnings.filterwarnings("ignore", message=_NOT_WRITABLE)
         self.device = torch.device(device)
-        self.ctx = None
-        self._data_key: str | None = None
-        self._data: Dataset | None = None
+        self.runs: dict[str, Any] = {}  # run key -> RunContext
+        self._data_of: dict[str, str] = {}  # run key -> data key
+        self._data: dict[str, Dataset] = {}  # data key -> dataset
         self.resets = 0
 
-    def reset(self, cfg: ExperimentConfig, plan: PrivacyPlan, data_key: str, data_box: list) -> tuple[int, str, str]:
-        """Prepare for a new run of ``cfg``. ``data_box``: [ObjectRef of the packed dataset],
+    def reset(self, cfg: ExperimentConfig, plan: PrivacyPlan, data_key: str, data_box: list,
+              run: str = "") -> tuple[int, str, str]:
+        """Prepare for run ``run`` of ``cfg``. ``data_box``: [ObjectRef of the packed dataset],
         boxed so that Ray does not fetch it unless this actor lacks ``data_key``."""
-        if self._data_key != data_key or self._data is None:
-            self._data = None  # the old dataset's buffers go before the new one arrives
-            self._data = dataset_from_numpy(ray.get(data_box[0])).to(self.device)
-            self._data_key = data_key
-        self.ctx = build_context(cfg, self.device, data=self._data, plan=plan)
+        self.drop(run)
+        if data_key not in self._data:
+            self._data[data_key] = dataset_from_numpy(ray.get(data_box[0])).to(self.device)
+        self._data_of[run] = data_key
+        self.runs[run] = build_context(cfg, self.device, data=self._data[data_key], plan=plan)
         self.resets += 1
         return self.ready()
+
+    def drop(self, run: str) -> None:
+        """Forget run ``run`` (and a dataset no run uses any more)."""
+        self.runs.pop(run, None)
+        self._data_of.pop(run, None)
+        for key in [k for k in self._data if k not in self._data_of.values()]:
+            del self._data[key]
 
     def ready(self) -> tuple[int, str, str]:
         """(process id, actor id, node id): the engine matches lost-actor errors to actors by
@@ -125,14 +136,15 @@ class HonestWorkers(_Role):
         super().__init__(device, threads)
         self.workers = list(workers)
 
-    def round(self, theta: np.ndarray, prev: Packed | None, t: int) -> Packed:
-        """``prev``: this actor's output of step t - 1 (its momentum), None at the first step.
+    def round(self, run: str, theta: np.ndarray, prev: Packed | None, t: int) -> Packed:
+        """Step t of run ``run``. ``prev``: this actor's output of step t - 1 (its momentum),
+        None at the first step.
 
         The [k, d] rows come back as one contiguous array each (``submit`` doubles as the
         momentum buffer when momentum is on); Ray stores them once and same-node readers map them
         without a copy."""
         mom = to_tensor(prev.get("momentum"), self.device) if prev else None
-        out = worker_round(self.ctx, to_tensor(theta, self.device), mom, self.workers, t)
+        out = worker_round(self.runs[run], to_tensor(theta, self.device), mom, self.workers, t)
         return pack(sample=out.sample, submit=out.submit, momentum=out.momentum, loss=out.loss,
                     grad_norm=out.grad_norm, clipped_frac=out.clipped_frac)
 
@@ -142,8 +154,8 @@ class ByzantineWorkers(_Role):
     """Step 3: the f colluding, omniscient Byzantine workers (ids h..n-1). They see every honest
     submission; label flippers instead train on flipped labels (with their own momentum)."""
 
-    def craft(self, t: int, theta: np.ndarray | None, prev: Packed | None, *honest: Packed) -> Packed:
-        ctx = self.ctx
+    def craft(self, run: str, t: int, theta: np.ndarray | None, prev: Packed | None, *honest: Packed) -> Packed:
+        ctx = self.runs[run]
         ids = list(range(ctx.cfg.n_honest, ctx.cfg.n_workers))
         flipped = None
         if ctx.label_flip:
