@@ -415,8 +415,10 @@ class _Unsupported(Exception):
 
 #: exact types only: a subclass may change forward (and so the gradient) behind our back
 _GHOST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.GroupNorm, nn.LayerNorm)
-#: memory one chunk of the norm computation may take (unfolded inputs, Gram matrices)
-GHOST_CHUNK_BYTES = 64 * 2**20
+#: memory one chunk of the norm computation may take (unfolded inputs, Gram matrices); below
+#: glibc's largest mmap threshold (32 MiB), so chunk buffers come back from the heap instead of
+#: fresh zero pages on every step (page faults dominated at 64 MiB: benchmarks/clipping.py --conv)
+GHOST_CHUNK_BYTES = 16 * 2**20
 
 _log = logging.getLogger("tuneguard")
 _NOTED: set[str] = set()
@@ -595,14 +597,17 @@ KEEP_PER_EXAMPLE_BYTES = 128 * 2**20
 #: None: the cheaper conv norm formula; "ghost" / "direct": that one (tests check both agree)
 _FORCE_FORMULA: str | None = None
 #: the direct formula by a grouped weight-gradient call instead of im2col + bmm, for layers
-#: with at least this many output positions
+#: with at least this many output positions and input channels per group (a stem conv on
+#: 1-3 input channels unfolds cheaply: im2col + bmm measured faster there)
 _GROUPED_DIRECT = True
 GROUPED_MIN_POSITIONS = 256
+GROUPED_MIN_CHANNELS = 4
 
 
-def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor | None]:
+def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Per-example squared norm of a conv's weight (and bias) gradient, in example chunks,
-    and the per-example weight gradients [n, p D] when the direct formula ran and they fit."""
+    the per-example weight gradients [n, p D] when the direct formula ran and they fit, and
+    the per-example bias gradients [n, p] (None without a bias)."""
     groups = mod.groups
     p = mod.out_channels
     pg = p // groups
@@ -619,7 +624,9 @@ def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
     if not ghost and n * p * D * elem <= KEEP_PER_EXAMPLE_BYTES:
         keep = torch.empty(n, p * D, dtype=dtype, device=dev)
     out = torch.empty(n, dtype=dtype, device=dev)
-    if not ghost and _GROUPED_DIRECT and len(geo) == 1 and L >= GROUPED_MIN_POSITIONS:
+    bias_rows = sum(g.reshape(n, p, -1).sum(2) for _, g in uses) if mod.bias is not None else None
+    grouped = len(geo) == 1 and L >= GROUPED_MIN_POSITIONS and D // math.prod(geo[0][0][1]) >= GROUPED_MIN_CHANNELS
+    if not ghost and _GROUPED_DIRECT and grouped:
         # direct formula through the conv's own weight-gradient kernel with one group per
         # example (input [1, c C, H, W], grads [1, c p, L]): the per-example gradients without
         # an im2col copy, which dominated ResNet-style layers (large L, small p and D); below
@@ -637,10 +644,10 @@ def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
             ).view(cc, -1)
             if keep is not None:
                 keep[s : s + cc] = per_ex
-            out[s : s + cc] = per_ex.square().sum(1)
-        if mod.bias is not None:
-            out += g.reshape(n, p, -1).sum(2).square().sum(1)
-        return out, keep
+            out[s : s + cc] = _row_sq(per_ex)
+        if bias_rows is not None:
+            out += _row_sq(bias_rows)
+        return out, keep, bias_rows
     for s in range(0, n, c):
         As, Gs = [], []
         for (a4, k, st, dl, pad), g in geo:
@@ -659,10 +666,15 @@ def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
             per_ex = G @ A.mT  # [c G, p/G, D]: group-major rows, as weight.view(p, -1)
             if keep is not None:
                 keep[s : s + cc] = per_ex.view(cc, -1)
-            out[s : s + cc] = per_ex.view(cc, -1).square().sum(1)
-    if mod.bias is not None:
-        out += sum(g.reshape(n, p, -1).sum(2) for _, g in uses).square().sum(1)
-    return out, keep
+            out[s : s + cc] = _row_sq(per_ex.view(cc, -1))
+    if bias_rows is not None:
+        out += _row_sq(bias_rows)
+    return out, keep, bias_rows
+
+
+def _row_sq(t: Tensor) -> Tensor:
+    """Squared L2 norm of each row of a 2-D tensor, without a squared copy of it."""
+    return torch.linalg.vector_norm(t, dim=1).square_()
 
 
 def _linear_rows(uses: list[tuple[Tensor, Tensor]], n: int) -> tuple[Tensor, Tensor]:
@@ -672,11 +684,45 @@ def _linear_rows(uses: list[tuple[Tensor, Tensor]], n: int) -> tuple[Tensor, Ten
     return (torch.cat(A, 1) if len(A) > 1 else A[0]), (torch.cat(G, 1) if len(G) > 1 else G[0])
 
 
+#: a GroupNorm's per-example affine gradients come from per-channel sums (one pass, no
+#: normalised copy of the input) unless a group's mean is this large against its spread,
+#: in units of the dtype's epsilon (mu^2 / var * eps): then the one-pass variance
+#: E[a^2] - mu^2 would lose digits, and x_hat is formed as before
+GN_ONE_PASS_MAX = 1e-5
+
+
+def _group_norm_sums(mod: nn.GroupNorm, a: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor] | None:
+    r"""(:math:`\sum_l \delta_{c,l}\hat x_{c,l}`, :math:`\sum_l \delta_{c,l}`) per example and channel, [n, C]
+    each, from sums over positions: with group mean :math:`\mu`, :math:`r = (\sigma^2 + \epsilon)^{-1/2}`,
+    :math:`\sum_l \delta_l \hat x_l = r(\sum_l \delta_l a_l - \mu \sum_l \delta_l)`. None when the
+    one-pass variance is ill-conditioned (see ``GN_ONE_PASS_MAX``)."""
+    C, G = mod.num_channels, mod.num_groups
+    a3, g3 = a.reshape(n, C, -1), g.reshape(n, C, -1)
+    L = a3.shape[2]
+    cnt = (C // G) * L
+    mu = a3.sum(2).view(n, G, -1).sum(2).div_(cnt)
+    var = torch.linalg.vector_norm(a3, dim=2).square_().view(n, G, -1).sum(2).div_(cnt).sub_(mu * mu)
+    if bool((mu * mu * torch.finfo(a.dtype).eps > GN_ONE_PASS_MAX * var.clamp(min=0)).any()):
+        return None
+    rstd = var.clamp_(min=0).add_(mod.eps).rsqrt_().repeat_interleave(C // G, 1)
+    sg = g3.sum(2)
+    # per-(example, channel) dot products as one batched [1, L] x [L, 1] product: no g * a copy
+    sga = torch.bmm(g3.reshape(n * C, 1, L), a3.reshape(n * C, L, 1)).view(n, C)
+    return sga.sub_(mu.repeat_interleave(C // G, 1) * sg).mul_(rstd), sg
+
+
 def _norm_affine(mod: nn.Module, uses: list[tuple[Tensor, Tensor]], n: int) -> tuple[Tensor | None, Tensor | None]:
     """Per-example gradients of a GroupNorm / LayerNorm's weight and bias, [n, numel] each:
     sum over the positions each weight acts on of delta * x_hat (weight) and delta (bias)."""
     gw = gb = None
     for a, g in uses:
+        sums = _group_norm_sums(mod, a, g, n) if type(mod) is nn.GroupNorm and mod.weight is not None else None
+        if sums is not None:
+            w, bb = sums
+            gw = w if gw is None else gw + w
+            if mod.bias is not None:
+                gb = bb if gb is None else gb + bb
+            continue
         if type(mod) is nn.GroupNorm:
             xhat = F.group_norm(a, mod.num_groups, eps=mod.eps)
             rows = lambda t: t.reshape(n, mod.num_channels, -1).sum(2)  # noqa: E731
@@ -754,9 +800,9 @@ def _ghost(
                     sq += G.sum(1).square().sum(1)
                 kept[id(mod)] = (A, G)
             elif t in (nn.Conv1d, nn.Conv2d):
-                csq, per_ex = _conv_sq(mod, u)
+                csq, per_ex, bias_rows = _conv_sq(mod, u)
                 sq += csq
-                kept[id(mod)] = per_ex
+                kept[id(mod)] = (per_ex, bias_rows)
             elif t is nn.Embedding:
                 idx, G = _embedding_rows(mod, u, n)
                 sq += _embedding_sq(idx, G)
@@ -798,26 +844,24 @@ def _ghost(
                 wshape = mod.weight.shape if t is nn.Conv2d else (*mod.weight.shape[:2], 1, mod.weight.shape[2])
                 wblock = block(mod.weight)
                 bblock = block(mod.bias) if mod.bias is not None else None
-                per_ex = kept[id(mod)]
+                per_ex, bias_rows = kept[id(mod)]
+                cw = coef.view(W, 1, b)
                 if per_ex is not None:
-                    _write(wblock, torch.bmm(coef.view(W, 1, b), per_ex.view(W, b, -1)))
-                scaled = []
-                for a, g in u:
-                    a4, k, st, dl, pad = _conv_geometry(mod, a)
-                    g4 = g.unsqueeze(2) if t is nn.Conv1d else g
-                    scaled.append((a4, g4 * coef.view(n, *([1] * (g4.dim() - 1))), st, dl, pad))
-                for w in range(W if per_ex is None else 0):
-                    rows = slice(w * b, (w + 1) * b)
-                    gw = None
-                    for a4, gs, st, dl, pad in scaled:
-                        # the conv's own weight-gradient kernel on the worker's weighted output grads
-                        r = torch.nn.grad.conv2d_weight(a4[rows], wshape, gs[rows], st, pad, dl, mod.groups)
-                        gw = r if gw is None else gw.add_(r)
-                    wblock[w].copy_(gw.reshape(-1))
+                    _write(wblock, torch.bmm(cw, per_ex.view(W, b, -1)))
+                else:
+                    geo = [(_conv_geometry(mod, a), g.unsqueeze(2) if t is nn.Conv1d else g) for a, g in u]
+                    for w in range(W):
+                        rows = slice(w * b, (w + 1) * b)
+                        gw = None
+                        for (a4, _, st, dl, pad), g4 in geo:
+                            # the conv's own weight-gradient kernel on the worker's weighted output
+                            # grads (scaled one worker at a time: no weighted copy of all of them)
+                            gs = g4[rows] * coef[rows].view(b, 1, 1, 1)
+                            r = torch.nn.grad.conv2d_weight(a4[rows], wshape, gs, st, pad, dl, mod.groups)
+                            gw = r if gw is None else gw.add_(r)
+                        wblock[w].copy_(gw.reshape(-1))
                 if bblock is not None:
-                    p = mod.out_channels
-                    bsum = sum(gs.reshape(n, p, -1).sum(2) for _, gs, _, _, _ in scaled)
-                    _write(bblock, bsum.view(W, b, p).sum(1))
+                    _write(bblock, torch.bmm(cw, bias_rows.view(W, b, -1)))
             elif t is nn.Embedding:
                 idx, G = kept[id(mod)]
                 V, dim = mod.weight.shape
