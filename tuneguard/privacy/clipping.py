@@ -653,7 +653,7 @@ _FORCE_FORMULA: str | None = None
 #: with at least this many output positions and input channels per group (a stem conv on
 #: 1-3 input channels unfolds cheaply: im2col + bmm measured faster there)
 _GROUPED_DIRECT = True
-GROUPED_MIN_POSITIONS = 256
+GROUPED_MIN_POSITIONS = 64
 GROUPED_MIN_CHANNELS = 4
 
 
@@ -683,7 +683,7 @@ def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
         # direct formula through the conv's own weight-gradient kernel with one group per
         # example (input [1, c C, H, W], grads [1, c p, L]): the per-example gradients without
         # an im2col copy, which dominated ResNet-style layers (large L, small p and D); below
-        # GROUPED_MIN_POSITIONS im2col + bmm measured faster (benchmarks/clipping.py --conv)
+        # GROUPED_MIN_POSITIONS (or with few input channels) im2col + bmm measured faster
         (a4, k, st, dl, pad), g = geo[0]
         g4 = g.unsqueeze(2) if type(mod) is nn.Conv1d else g
         c = _chunk(n, p * D + a4[0].numel() + g4[0].numel(), elem)
