@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import resource
 import statistics
 import time
 import warnings
@@ -226,27 +227,40 @@ def opacus_ghost_step(gsm, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
     return torch.stack(rows)
 
 
-def interleaved(fns: dict[str, object], repeats: int, warmup: int = 1) -> tuple[dict[str, float], dict[str, float]]:
-    """Median ms of each fn and the median per-repeat ratio to ``fns['floor']``; within a repeat
-    the fns run back to back, the order rotating from repeat to repeat."""
+def _cpu_s() -> float:
+    """CPU seconds of this process, user + system (page faults count): what a call costs the
+    machine, unlike wall time, which on a shared box also counts waiting for a core."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def interleaved(
+    fns: dict[str, object], repeats: int, warmup: int = 1
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Median ms of each fn, the median per-repeat ratio to ``fns['floor']`` in wall time and
+    the same in process CPU time; within a repeat the fns run back to back, the order rotating
+    from repeat to repeat."""
     names = list(fns)
     for _ in range(warmup):
         for k in names:
             fns[k]()
     times: dict[str, list[float]] = {k: [] for k in names}
     ratios: dict[str, list[float]] = {k: [] for k in names}
+    cpu_ratios: dict[str, list[float]] = {k: [] for k in names}
     for r in range(repeats):
         order = names[r % len(names):] + names[: r % len(names)]
-        t = {}
+        t, c = {}, {}
         for k in order:
-            t0 = time.perf_counter()
+            c0, t0 = _cpu_s(), time.perf_counter()
             fns[k]()
-            t[k] = time.perf_counter() - t0
+            t[k], c[k] = time.perf_counter() - t0, _cpu_s() - c0
         for k in names:
             times[k].append(t[k])
             ratios[k].append(t[k] / t["floor"])
+            cpu_ratios[k].append(c[k] / c["floor"])
     return ({k: statistics.median(v) * 1e3 for k, v in times.items()},
-            {k: statistics.median(v) for k, v in ratios.items()})
+            {k: statistics.median(v) for k, v in ratios.items()},
+            {k: statistics.median(v) for k, v in cpu_ratios.items()})
 
 
 def conv_main(args: argparse.Namespace) -> None:
@@ -259,13 +273,14 @@ def conv_main(args: argparse.Namespace) -> None:
     head = [
         f"W = {W} workers, C = {CLIP}, random inputs, device {dev}. All methods interleaved in one process "
         f"(round-robin, rotating order), {reps} repeats after one warm-up; median ms and the median of "
-        "the per-repeat ratios to the floor of the same repeat. fast = `clipped_gradients` (auto: ghost path) "
+        "the per-repeat ratios to the floor of the same repeat (wall time; CPU: user + system time of the process, "
+        "which waiting for a core on a loaded box does not inflate). fast = `clipped_gradients` (auto: ghost path) "
         "with a reused `out=`; generic = torch.func; Opacus GSM / ghost = GradSampleModule / "
         "GradSampleModuleFastGradientClipping called once per worker.",
         "",
-        "| model (d) | b | floor (ms) | fast (ms) | fast / floor | generic (ms) | generic / floor "
+        "| model (d) | b | floor (ms) | fast (ms) | fast / floor | fast / floor (CPU) | generic (ms) | generic / floor "
         "| Opacus GSM (ms) | GSM / floor | Opacus ghost (ms) | ghost / floor |",
-        "|" + "---|" * 11,
+        "|" + "---|" * 12,
     ]
     print(f"# {machine()}")
     print("\n".join(head), flush=True)
@@ -315,9 +330,9 @@ def conv_row(name: str, shape: tuple, params: dict, W: int, b: int, dev: torch.d
                       clipped_gradients(model, x[:2], y[:2], CLIP).grads):
             err = float((other - ref).abs().max() / ref.abs().max())
             assert err < 1e-4, f"{name}: a method disagrees with torch.func by {err:.2e} (relative)"
-    ms, ratio = interleaved(fns, args.repeats if args.skip_slow else min(args.repeats, args.slow_repeats))
+    ms, ratio, cpu = interleaved(fns, args.repeats if args.skip_slow else min(args.repeats, args.slow_repeats))
     del fns  # Opacus' hooks keep activations of the last call alive
-    cells = [f"{ms['floor']:.1f}", f"{ms['fast']:.1f}", f"**{ratio['fast']:.2f}x**"]
+    cells = [f"{ms['floor']:.1f}", f"{ms['fast']:.1f}", f"**{ratio['fast']:.2f}x**", f"{cpu['fast']:.2f}x"]
     for k in ("generic", "gsm", "ghost"):
         cells += [f"{ms[k]:.0f}", f"{ratio[k]:.1f}x"] if k in ms else ["-", "-"]
     return f"| {name} ({d:,}) | {b} | " + " | ".join(cells) + " |"

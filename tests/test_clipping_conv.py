@@ -69,6 +69,7 @@ CASES = {
 def test_ghost_equals_generic_and_the_naive_loop_float64(name, grouped, monkeypatch):
     # the direct formula by im2col + bmm, or by the grouped weight-gradient kernel, for every layer
     monkeypatch.setattr(clipping, "GROUPED_MIN_POSITIONS", 0 if grouped else 10**9)
+    monkeypatch.setattr(clipping, "GROUPED_MIN_CHANNELS", 0)
     build, shape, classes = CASES[name]
     torch.manual_seed(0)
     model = build().double()
@@ -88,6 +89,8 @@ def test_ghost_equals_generic_and_the_naive_loop_float64(name, grouped, monkeypa
     torch.testing.assert_close(ghost.loss, generic.loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(ghost.clipped_frac, (norms > c).double().mean(1), rtol=0, atol=0)
     assert all(p.grad is None for p in model.parameters())  # the model is left untouched
+    again = clipped_gradients(model, x, y, c, method="ghost")  # a second step (odd_convs: straight to the copying run)
+    torch.testing.assert_close(again.grads, ghost.grads, rtol=0, atol=0)
 
 
 def test_ghost_equals_generic_on_token_inputs():
@@ -165,3 +168,74 @@ def test_unsupported_layers_fall_back_with_the_layer_named():
     assert clipping.fast_path_blocker(build_model("resnet_gn", 0, input_shape=(3, 8, 8))) is None
     bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2))
     assert "BatchNorm2d mixes the examples" in clipping.fast_path_blocker(bn)
+
+
+def _gn_net(offset: float) -> nn.Module:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 8, 3, padding=1)
+    with torch.no_grad():
+        conv.bias.fill_(offset)  # the first GroupNorm's input mean
+    model = nn.Sequential(conv, nn.GroupNorm(4, 8), nn.ReLU(), nn.Conv2d(8, 4, 3, stride=2), nn.GroupNorm(2, 4),
+                          nn.Flatten(), nn.Linear(4 * 5 * 5, 5))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.uniform_(-0.5, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("one_pass", [True, False], ids=["sums", "x_hat"])
+def test_group_norm_affine_norms_both_ways_fp32(monkeypatch, one_pass):
+    """GroupNorm's per-example affine gradients from per-channel sums (one pass) or from the
+    normalised input: both equal torch.func to fp32 tolerance."""
+    monkeypatch.setattr(clipping, "GN_ONE_PASS_MAX", float("inf") if one_pass else -1.0)
+    model = _gn_net(0.0)
+    x = torch.randn(3, 6, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 5, (3, 6), generator=torch.Generator().manual_seed(2))
+    fast = clipped_gradients(model, x, y, 0.5, method="ghost")
+    ref = clipped_gradients(model, x, y, 0.5, method="generic")
+    torch.testing.assert_close(fast.grads, ref.grads, rtol=0, atol=2e-6 * float(ref.grads.abs().max()))
+    torch.testing.assert_close(fast.norm_mean, ref.norm_mean, rtol=1e-5, atol=0)
+
+
+def test_group_norm_with_a_mean_that_dwarfs_the_spread(monkeypatch):
+    """Inputs with mean 300 and spread ~1 at the first GroupNorm: the guard sends it to the x_hat
+    route (as forcing it does), within what fp32 GroupNorm itself offers of torch.func."""
+    model = _gn_net(300.0)
+    x = torch.randn(3, 6, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    y = torch.randint(0, 5, (3, 6), generator=torch.Generator().manual_seed(2))
+    fast = clipped_gradients(model, x, y, 0.5, method="ghost")
+    monkeypatch.setattr(clipping, "GN_ONE_PASS_MAX", -1.0)
+    forced = clipped_gradients(model, x, y, 0.5, method="ghost")
+    scale = float(forced.grads.abs().max())  # not bit-equal: the second GroupNorm (mean ~0) takes the sums
+    torch.testing.assert_close(fast.grads, forced.grads, rtol=0, atol=1e-6 * scale)
+    ref = clipped_gradients(model, x, y, 0.5, method="generic")
+    torch.testing.assert_close(fast.grads, ref.grads, rtol=0, atol=1e-4 * float(ref.grads.abs().max()))
+
+
+def test_group_norm_sums_fall_back_when_ill_conditioned():
+    gn = nn.GroupNorm(2, 4)
+    g = torch.randn(5, 4, 6, 6)
+    assert clipping._group_norm_sums(gn, torch.randn(5, 4, 6, 6), g, 5) is not None
+    assert clipping._group_norm_sums(gn, torch.randn(5, 4, 6, 6) + 1e4, g, 5) is None  # mu^2 / var ~ 1e8
+
+
+def test_layer_with_a_call_that_does_not_reach_the_loss():
+    """A conv called twice, one output discarded: its gradient is that of the other call."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3)
+            self.head = nn.Linear(2 * 6 * 6, 4)
+
+        def forward(self, x):
+            self.conv(x * 2)  # discarded
+            return self.head(torch.tanh(self.conv(x)).flatten(1))
+
+    torch.manual_seed(0)
+    model = Twice().double()
+    x = torch.randn(2, 3, 1, 8, 8, dtype=torch.float64)
+    y = torch.randint(0, 4, (2, 3))
+    res = clipped_gradients(model, x, y, 0.1, method="ghost")
+    ref = clipped_gradients(model, x, y, 0.1, method="generic")
+    torch.testing.assert_close(res.grads, ref.grads, rtol=0, atol=1e-12)

@@ -29,8 +29,10 @@ matmuls :math:`\sum_i (s_i/b)\,\delta_i a_i^\top`, one [out, in] block per worke
 GroupNorm or LayerNorm layers, e.g. CNNs and GroupNorm ResNets): one autograd forward over
 all W*b examples with hooks that keep each such layer's input :math:`a_i`, and one backward
 of :math:`\sum_i \ell_i` *to the layers' outputs only* (no parameter gradient is formed),
-which yields each example's output gradient :math:`\delta_i`. Per-example squared norms,
-layer by layer, without per-example gradients where that is cheaper:
+which yields each example's output gradient :math:`\delta_i`; each layer's norms are taken
+during that backward, as soon as its :math:`\delta` arrives, so the layer-sized buffers are
+freed as in a plain backward. Per-example squared norms, layer by layer, without per-example
+gradients where that is cheaper:
 
 - Linear / Conv (input unfolded to :math:`A_i \in \mathbb{R}^{D \times L}`, :math:`D = C_{in}k^2/G`
   per group, :math:`L` output positions; :math:`\Delta_i \in \mathbb{R}^{p \times L}`): the
@@ -45,7 +47,9 @@ layer by layer, without per-example gradients where that is cheaper:
   :math:`2L^2` vs :math:`pD`; on CPUs time follows the flops). Bias: :math:`\lVert\sum_l \Delta_{i,:,l}\rVert^2`.
 - Embedding (tokens :math:`t_{i,1..T}`): :math:`\sum_{u,v} [t_u = t_v]\langle \delta_u, \delta_v\rangle`.
 - GroupNorm / LayerNorm affine: per-example gradients are small ([C]); they are formed:
-  :math:`\sum (\delta \odot \hat x)` and :math:`\sum \delta` over the positions a weight acts on.
+  :math:`\sum (\delta \odot \hat x)` and :math:`\sum \delta` over the positions a weight acts on
+  (GroupNorm: from per-channel sums, :math:`r(\sum \delta a - \mu \sum \delta)`, without forming
+  :math:`\hat x`, unless the group's mean dwarfs its spread).
 
 The clipped per-worker sums then come from the same :math:`(a_i, \delta_i)` by book-keeping
 (Bu et al. 2023, "Differentially Private Optimization on Large Model at Small Cost"): each
@@ -415,8 +419,10 @@ class _Unsupported(Exception):
 
 #: exact types only: a subclass may change forward (and so the gradient) behind our back
 _GHOST_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding, nn.GroupNorm, nn.LayerNorm)
-#: memory one chunk of the norm computation may take (unfolded inputs, Gram matrices)
-GHOST_CHUNK_BYTES = 64 * 2**20
+#: memory one chunk of the norm computation may take (unfolded inputs, Gram matrices); below
+#: glibc's largest mmap threshold (32 MiB), so chunk buffers come back from the heap instead of
+#: fresh zero pages on every step (page faults dominated at 64 MiB: benchmarks/clipping.py --conv)
+GHOST_CHUNK_BYTES = 16 * 2**20
 
 _log = logging.getLogger("tuneguard")
 _NOTED: set[str] = set()
@@ -481,52 +487,101 @@ def _make_plan(model: nn.Module) -> _GhostPlan | str:
     return _GhostPlan(tuple(mods))
 
 
-def _ghost_forward(
-    model: nn.Module, plan: _GhostPlan, xf: Tensor, yf: Tensor, clone: bool
-) -> tuple[dict[int, list[tuple[Tensor, Tensor]]], Tensor] | None:
-    """Forward with hooks, then d(sum_i loss_i)/d(each hooked layer's output).
+#: models that modify a hooked layer's output in place (an inplace ReLU after a conv): their
+#: hooks hand the network a copy from the first run on
+_NEEDS_CLONE: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
-    Returns ({id(module): [(input, output grad), one per call]}, per-example losses), or None
-    when a layer's output was modified in place (an inplace ReLU after a conv): the caller then
-    reruns with ``clone`` so the hooks hand the network a copy and keep the original intact.
+
+class _Tap(torch.autograd.Function):
+    """Identity on a hooked layer's output whose backward hands the output gradient to the
+    caller (``sink``) and passes it on unchanged. Backward asks only for the gradient of a
+    scalar ``anchor`` that every tap takes as an input, so autograd returns no layer-sized
+    tensor and frees each output gradient (and saved activation) once it has been used, as a
+    plain backward does: holding all of them until the end cost more than the weight
+    gradients it skips (page faults on fresh buffers; benchmarks/clipping.py --conv)."""
+
+    @staticmethod
+    def forward(ctx: Any, out: Tensor, anchor: Tensor, sink: Any, i: int) -> Tensor:
+        ctx.sink, ctx.i = sink, i
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor, None, None, None]:
+        ctx.sink(ctx.i, g)
+        return g, None, None, None
+
+
+def _ghost_forward(
+    model: nn.Module, plan: _GhostPlan, xf: Tensor, yf: Tensor, clone: bool, process: Any
+) -> Tensor | None:
+    """Forward with hooks, then d(sum_i loss_i)/d(each hooked layer's output), handed to
+    ``process(module, [(input, output grad), one per call])`` as soon as all of a layer's
+    calls have their gradient (during the backward for a layer called once). Layers whose
+    output does not reach the loss are not processed.
+
+    Returns the per-example losses, or None when a layer's output was modified in place (an
+    inplace ReLU after a conv): the caller then reruns with ``clone`` so the hooks hand the
+    network a copy and keep the original intact.
     """
-    records: list[tuple[nn.Module, Tensor, Tensor, int, int]] = []
+    n = xf.shape[0]
+    records: list[Any] = []  # [module, input, output, input version, output version]
+    anchor = torch.zeros((), dtype=xf.dtype if xf.is_floating_point() else torch.float32,
+                         device=xf.device, requires_grad=True)
+    calls: dict[int, int] = {}
+    pending: dict[int, list[tuple[Tensor, Tensor]]] = {}
+
+    def sink(i: int, g: Tensor) -> None:
+        mod, a = records[i][0], records[i][1]
+        records[i] = None  # drop the input: autograd frees it once its node has run
+        if a.dim() == 0 or a.shape[0] != n or g.shape[0] != n:
+            # e.g. a layer applied to a shared (not per-example) tensor: no per-example split
+            raise _Unsupported(f"a {type(mod).__name__} layer runs on a tensor whose first dimension is not the batch")
+        u = pending.setdefault(id(mod), [])
+        u.append((a.detach(), g))
+        if len(u) == calls[id(mod)]:
+            process(mod, pending.pop(id(mod)))
 
     def hook(mod: nn.Module, args: tuple, output: Any) -> Any:
         if not args or not isinstance(args[0], Tensor) or not isinstance(output, Tensor):
             raise _Unsupported(f"{type(mod).__name__} called with non-tensor input or output")
-        records.append((mod, args[0], output, args[0]._version, output._version))
-        return output.clone() if clone else None
+        records.append([mod, args[0], output, args[0]._version, output._version])
+        if not output.requires_grad:
+            return output.clone() if clone else None
+        tapped = _Tap.apply(output, anchor, sink, len(records) - 1)
+        # the tap's output is a view: an in-place op on it fails, and the caller reruns with clone
+        return tapped.clone() if clone else tapped
 
     handles = [m.register_forward_hook(hook) for m in plan.modules]
     try:
         with torch.enable_grad():
-            logits = model(xf)
+            try:
+                logits = model(xf)
+            except RuntimeError:
+                if clone:
+                    raise
+                return None  # e.g. an in-place op on a tapped output: rerun with clone
             if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != xf.shape[0]:
                 raise _Unsupported("the model does not return logits [N, classes]")
-            for mod, a, out, va, vo in records:
+            for r in records:
+                mod, a, out, va, vo = r
                 if a._version != va:
                     raise _Unsupported(f"the input of a {type(mod).__name__} layer is modified in place after it")
                 if out._version != vo:
                     return None
+                calls[id(mod)] = calls.get(id(mod), 0) + 1
+                del r[2:]  # keep [module, input]; the output itself is not needed any more
             loss = F.cross_entropy(logits, yf, reduction="none")
+            del logits
             # d sum_i l_i / d out: row i is example i's output gradient (layers do not mix
-            # examples). Only the layers' outputs are asked for, so autograd skips every weight
-            # gradient: those come later, weighted, by book-keeping.
-            grads = torch.autograd.grad(loss.sum(), [r[2] for r in records], allow_unused=True)
+            # examples). Only the anchor's gradient is asked for, so autograd skips every
+            # weight gradient: those come later, weighted, by book-keeping.
+            torch.autograd.grad(loss.sum(), anchor, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    uses: dict[int, list[tuple[Tensor, Tensor]]] = {}
-    n = xf.shape[0]
-    for (mod, a, _, _, _), g in zip(records, grads, strict=True):
-        if g is None:
-            continue
-        if a.dim() == 0 or a.shape[0] != n or g.shape[0] != n:
-            # e.g. a layer applied to a shared (not per-example) tensor: no per-example split
-            raise _Unsupported(f"a {type(mod).__name__} layer runs on a tensor whose first dimension is not the batch")
-        uses.setdefault(id(mod), []).append((a.detach(), g))
-    return uses, loss.detach()
+    for key, u in pending.items():  # a layer with some calls that do not reach the loss
+        process(next(m for m in plan.modules if id(m) == key), u)
+    return loss.detach()
 
 
 def _chunk(n: int, per_example_elems: int, elem: int, align: int = 1) -> int:
@@ -595,14 +650,17 @@ KEEP_PER_EXAMPLE_BYTES = 128 * 2**20
 #: None: the cheaper conv norm formula; "ghost" / "direct": that one (tests check both agree)
 _FORCE_FORMULA: str | None = None
 #: the direct formula by a grouped weight-gradient call instead of im2col + bmm, for layers
-#: with at least this many output positions
+#: with at least this many output positions and input channels per group (a stem conv on
+#: 1-3 input channels unfolds cheaply: im2col + bmm measured faster there)
 _GROUPED_DIRECT = True
-GROUPED_MIN_POSITIONS = 256
+GROUPED_MIN_POSITIONS = 64
+GROUPED_MIN_CHANNELS = 4
 
 
-def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor | None]:
+def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Per-example squared norm of a conv's weight (and bias) gradient, in example chunks,
-    and the per-example weight gradients [n, p D] when the direct formula ran and they fit."""
+    the per-example weight gradients [n, p D] when the direct formula ran and they fit, and
+    the per-example bias gradients [n, p] (None without a bias)."""
     groups = mod.groups
     p = mod.out_channels
     pg = p // groups
@@ -619,11 +677,13 @@ def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
     if not ghost and n * p * D * elem <= KEEP_PER_EXAMPLE_BYTES:
         keep = torch.empty(n, p * D, dtype=dtype, device=dev)
     out = torch.empty(n, dtype=dtype, device=dev)
-    if not ghost and _GROUPED_DIRECT and len(geo) == 1 and L >= GROUPED_MIN_POSITIONS:
+    bias_rows = sum(g.reshape(n, p, -1).sum(2) for _, g in uses) if mod.bias is not None else None
+    grouped = len(geo) == 1 and L >= GROUPED_MIN_POSITIONS and D // math.prod(geo[0][0][1]) >= GROUPED_MIN_CHANNELS
+    if not ghost and _GROUPED_DIRECT and grouped:
         # direct formula through the conv's own weight-gradient kernel with one group per
         # example (input [1, c C, H, W], grads [1, c p, L]): the per-example gradients without
         # an im2col copy, which dominated ResNet-style layers (large L, small p and D); below
-        # GROUPED_MIN_POSITIONS im2col + bmm measured faster (benchmarks/clipping.py --conv)
+        # GROUPED_MIN_POSITIONS (or with few input channels) im2col + bmm measured faster
         (a4, k, st, dl, pad), g = geo[0]
         g4 = g.unsqueeze(2) if type(mod) is nn.Conv1d else g
         c = _chunk(n, p * D + a4[0].numel() + g4[0].numel(), elem)
@@ -637,10 +697,10 @@ def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
             ).view(cc, -1)
             if keep is not None:
                 keep[s : s + cc] = per_ex
-            out[s : s + cc] = per_ex.square().sum(1)
-        if mod.bias is not None:
-            out += g.reshape(n, p, -1).sum(2).square().sum(1)
-        return out, keep
+            out[s : s + cc] = _row_sq(per_ex)
+        if bias_rows is not None:
+            out += _row_sq(bias_rows)
+        return out, keep, bias_rows
     for s in range(0, n, c):
         As, Gs = [], []
         for (a4, k, st, dl, pad), g in geo:
@@ -659,10 +719,15 @@ def _conv_sq(mod: nn.Module, uses: list[tuple[Tensor, Tensor]]) -> tuple[Tensor,
             per_ex = G @ A.mT  # [c G, p/G, D]: group-major rows, as weight.view(p, -1)
             if keep is not None:
                 keep[s : s + cc] = per_ex.view(cc, -1)
-            out[s : s + cc] = per_ex.view(cc, -1).square().sum(1)
-    if mod.bias is not None:
-        out += sum(g.reshape(n, p, -1).sum(2) for _, g in uses).square().sum(1)
-    return out, keep
+            out[s : s + cc] = _row_sq(per_ex.view(cc, -1))
+    if bias_rows is not None:
+        out += _row_sq(bias_rows)
+    return out, keep, bias_rows
+
+
+def _row_sq(t: Tensor) -> Tensor:
+    """Squared L2 norm of each row of a 2-D tensor, without a squared copy of it."""
+    return torch.linalg.vector_norm(t, dim=1).square_()
 
 
 def _linear_rows(uses: list[tuple[Tensor, Tensor]], n: int) -> tuple[Tensor, Tensor]:
@@ -672,11 +737,45 @@ def _linear_rows(uses: list[tuple[Tensor, Tensor]], n: int) -> tuple[Tensor, Ten
     return (torch.cat(A, 1) if len(A) > 1 else A[0]), (torch.cat(G, 1) if len(G) > 1 else G[0])
 
 
+#: a GroupNorm's per-example affine gradients come from per-channel sums (one pass, no
+#: normalised copy of the input) unless a group's mean is this large against its spread,
+#: in units of the dtype's epsilon (mu^2 / var * eps): then the one-pass variance
+#: E[a^2] - mu^2 would lose digits, and x_hat is formed as before
+GN_ONE_PASS_MAX = 1e-5
+
+
+def _group_norm_sums(mod: nn.GroupNorm, a: Tensor, g: Tensor, n: int) -> tuple[Tensor, Tensor] | None:
+    r"""(:math:`\sum_l \delta_{c,l}\hat x_{c,l}`, :math:`\sum_l \delta_{c,l}`) per example and channel, [n, C]
+    each, from sums over positions: with group mean :math:`\mu`, :math:`r = (\sigma^2 + \epsilon)^{-1/2}`,
+    :math:`\sum_l \delta_l \hat x_l = r(\sum_l \delta_l a_l - \mu \sum_l \delta_l)`. None when the
+    one-pass variance is ill-conditioned (see ``GN_ONE_PASS_MAX``)."""
+    C, G = mod.num_channels, mod.num_groups
+    a3, g3 = a.reshape(n, C, -1), g.reshape(n, C, -1)
+    L = a3.shape[2]
+    cnt = (C // G) * L
+    mu = a3.sum(2).view(n, G, -1).sum(2).div_(cnt)
+    var = torch.linalg.vector_norm(a3, dim=2).square_().view(n, G, -1).sum(2).div_(cnt).sub_(mu * mu)
+    if bool((mu * mu * torch.finfo(a.dtype).eps > GN_ONE_PASS_MAX * var.clamp(min=0)).any()):
+        return None
+    rstd = var.clamp_(min=0).add_(mod.eps).rsqrt_().repeat_interleave(C // G, 1)
+    sg = g3.sum(2)
+    # per-(example, channel) dot products as one batched [1, L] x [L, 1] product: no g * a copy
+    sga = torch.bmm(g3.reshape(n * C, 1, L), a3.reshape(n * C, L, 1)).view(n, C)
+    return sga.sub_(mu.repeat_interleave(C // G, 1) * sg).mul_(rstd), sg
+
+
 def _norm_affine(mod: nn.Module, uses: list[tuple[Tensor, Tensor]], n: int) -> tuple[Tensor | None, Tensor | None]:
     """Per-example gradients of a GroupNorm / LayerNorm's weight and bias, [n, numel] each:
     sum over the positions each weight acts on of delta * x_hat (weight) and delta (bias)."""
     gw = gb = None
     for a, g in uses:
+        sums = _group_norm_sums(mod, a, g, n) if type(mod) is nn.GroupNorm and mod.weight is not None else None
+        if sums is not None:
+            w, bb = sums
+            gw = w if gw is None else gw + w
+            if mod.bias is not None:
+                gb = bb if gb is None else gb + bb
+            continue
         if type(mod) is nn.GroupNorm:
             xhat = F.group_norm(a, mod.num_groups, eps=mod.eps)
             rows = lambda t: t.reshape(n, mod.num_channels, -1).sum(2)  # noqa: E731
@@ -732,20 +831,14 @@ def _ghost(
     yf = y.reshape(n)
     if yf.dtype != torch.int64:
         yf = yf.long()
-    res = _ghost_forward(model, plan, xf, yf, clone=False)
-    if res is None:
-        res = _ghost_forward(model, plan, xf, yf, clone=True)
-    assert res is not None
-    uses, loss = res
+    # 1. per-example squared norms, layer by layer (during the backward); keep what
+    # book-keeping reuses
+    sq = torch.zeros(n, dtype=dtype, device=x.device)
+    kept: dict[int, Any] = {}
 
-    with torch.no_grad():
-        # 1. per-example squared norms, layer by layer; keep what book-keeping reuses
-        sq = torch.zeros(n, dtype=dtype, device=x.device)
-        kept: dict[int, Any] = {}
-        for mod in plan.modules:
-            u = uses.get(id(mod))
-            if not u:
-                continue  # not called, or its output does not reach the loss: zero gradient
+    def process(mod: nn.Module, u: list[tuple[Tensor, Tensor]]) -> None:
+        nonlocal sq
+        with torch.no_grad():
             t = type(mod)
             if t is nn.Linear:
                 A, G = _linear_rows(u, n)
@@ -754,9 +847,10 @@ def _ghost(
                     sq += G.sum(1).square().sum(1)
                 kept[id(mod)] = (A, G)
             elif t in (nn.Conv1d, nn.Conv2d):
-                csq, per_ex = _conv_sq(mod, u)
+                csq, per_ex, bias_rows = _conv_sq(mod, u)
                 sq += csq
-                kept[id(mod)] = per_ex
+                # the inputs and output grads only when book-keeping reruns the conv kernel
+                kept[id(mod)] = (per_ex, bias_rows, u if per_ex is None else None)
             elif t is nn.Embedding:
                 idx, G = _embedding_rows(mod, u, n)
                 sq += _embedding_sq(idx, G)
@@ -765,9 +859,18 @@ def _ghost(
                 gw, gb = _norm_affine(mod, u, n)
                 for g in (gw, gb):
                     if g is not None:
-                        sq += g.square().sum(1)
+                        sq += _row_sq(g)
                 kept[id(mod)] = (gw, gb)
 
+    loss = None if model in _NEEDS_CLONE else _ghost_forward(model, plan, xf, yf, False, process)
+    if loss is None:
+        sq.zero_()
+        kept.clear()
+        loss = _ghost_forward(model, plan, xf, yf, True, process)
+        _NEEDS_CLONE.add(model)  # later steps go straight to the copying run
+    assert loss is not None
+
+    with torch.no_grad():
         norms = sq.sqrt_()
         coef, frac = _clip_coefficients(norms, clip, W, b)
 
@@ -781,8 +884,7 @@ def _ghost(
             return out[:, start : start + p.numel()]
 
         for mod in plan.modules:
-            u = uses.get(id(mod))
-            if not u:
+            if id(mod) not in kept:  # not called, or its output does not reach the loss
                 for p in mod.parameters(recurse=False):
                     block(p).zero_()
                 continue
@@ -798,26 +900,24 @@ def _ghost(
                 wshape = mod.weight.shape if t is nn.Conv2d else (*mod.weight.shape[:2], 1, mod.weight.shape[2])
                 wblock = block(mod.weight)
                 bblock = block(mod.bias) if mod.bias is not None else None
-                per_ex = kept[id(mod)]
+                per_ex, bias_rows, u = kept[id(mod)]
+                cw = coef.view(W, 1, b)
                 if per_ex is not None:
-                    _write(wblock, torch.bmm(coef.view(W, 1, b), per_ex.view(W, b, -1)))
-                scaled = []
-                for a, g in u:
-                    a4, k, st, dl, pad = _conv_geometry(mod, a)
-                    g4 = g.unsqueeze(2) if t is nn.Conv1d else g
-                    scaled.append((a4, g4 * coef.view(n, *([1] * (g4.dim() - 1))), st, dl, pad))
-                for w in range(W if per_ex is None else 0):
-                    rows = slice(w * b, (w + 1) * b)
-                    gw = None
-                    for a4, gs, st, dl, pad in scaled:
-                        # the conv's own weight-gradient kernel on the worker's weighted output grads
-                        r = torch.nn.grad.conv2d_weight(a4[rows], wshape, gs[rows], st, pad, dl, mod.groups)
-                        gw = r if gw is None else gw.add_(r)
-                    wblock[w].copy_(gw.reshape(-1))
+                    _write(wblock, torch.bmm(cw, per_ex.view(W, b, -1)))
+                else:
+                    geo = [(_conv_geometry(mod, a), g.unsqueeze(2) if t is nn.Conv1d else g) for a, g in u]
+                    for w in range(W):
+                        rows = slice(w * b, (w + 1) * b)
+                        gw = None
+                        for (a4, _, st, dl, pad), g4 in geo:
+                            # the conv's own weight-gradient kernel on the worker's weighted output
+                            # grads (scaled one worker at a time: no weighted copy of all of them)
+                            gs = g4[rows] * coef[rows].view(b, 1, 1, 1)
+                            r = torch.nn.grad.conv2d_weight(a4[rows], wshape, gs, st, pad, dl, mod.groups)
+                            gw = r if gw is None else gw.add_(r)
+                        wblock[w].copy_(gw.reshape(-1))
                 if bblock is not None:
-                    p = mod.out_channels
-                    bsum = sum(gs.reshape(n, p, -1).sum(2) for _, gs, _, _, _ in scaled)
-                    _write(bblock, bsum.view(W, b, p).sum(1))
+                    _write(bblock, torch.bmm(cw, bias_rows.view(W, b, -1)))
             elif t is nn.Embedding:
                 idx, G = kept[id(mod)]
                 V, dim = mod.weight.shape
