@@ -87,19 +87,20 @@ def phase_profile(engine: ActorEngine, state, t0: int, steps: int) -> dict[str, 
     workers = [s for s in engine._slots if s.kind == "workers"]
     byz = engine._byz_slot()
     h = engine.cfg.n_honest
+    run = engine.run_key
     rows: dict[str, list[tuple[float, float]]] = {"workers": [], "byzantine": [], "server": []}
     for t in range(t0, t0 + steps):
         theta = ray.put(state.theta.numpy())
         a = time.perf_counter()
-        hon = [s.handle.round.remote(theta, state.honest[i], t) for i, s in enumerate(workers)]
+        hon = [s.handle.round.remote(run, theta, state.honest[i], t) for i, s in enumerate(workers)]
         ray.wait(hon, num_returns=len(hon))
         rt = time.perf_counter() - a
-        inside = max(ray.get([_inside(s.handle, "round", theta, state.honest[i], t) for i, s in enumerate(workers)]))
+        inside = max(ray.get([_inside(s.handle, "round", run, theta, state.honest[i], t) for i, s in enumerate(workers)]))
         rows["workers"].append((rt, inside))
         a = time.perf_counter()
-        bref = byz.handle.craft.remote(t, None, None, *hon)
+        bref = byz.handle.craft.remote(run, t, None, None, *hon)
         ray.wait([bref])
-        rows["byzantine"].append((time.perf_counter() - a, ray.get(_inside(byz.handle, "craft", t, None, None, *hon))))
+        rows["byzantine"].append((time.perf_counter() - a, ray.get(_inside(byz.handle, "craft", run, t, None, None, *hon))))
         a = time.perf_counter()
         honest, summary, stack = engine._honest(ray.get(hon))
         stack[h:].copy_(to_tensor(ray.get(bref)["vectors"], stack.device))
