@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tuneguard.results import schema
 from tuneguard.tune.objective import JobContext
 from tuneguard.tune.space import Space, SpaceError, n_reports
 
@@ -235,13 +236,19 @@ def _search_alg(space: Space, results_dir: Path, study_name: str):
     startup = space.tune.n_startup_trials or max(2, min(10, n // 2))
     import warnings
 
+    spec = space.objective
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=space.tune.seed, multivariate=True, group=True,
-                                             n_startup_trials=startup)
+        if spec.multi:
+            # Multi-objective TPE (MOTPE): Optuna's multivariate/group TPE is single-objective only.
+            sampler = optuna.samplers.TPESampler(seed=space.tune.seed, n_startup_trials=startup)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=space.tune.seed, multivariate=True, group=True,
+                                                 n_startup_trials=startup)
     storage = optuna.storages.RDBStorage(f"sqlite:///{results_dir / OPTUNA_FILE}")
-    return ResumableOptunaSearch(DefineByRun(space.text, space.path), metric="objective", mode="max",
-                                 sampler=sampler, storage=storage, study_name=study_name)
+    # A list of metrics and modes makes Ray's OptunaSearch create a study with one direction each.
+    return ResumableOptunaSearch(DefineByRun(space.text, space.path), metric=spec.search_metric(),
+                                 mode=spec.search_mode(), sampler=sampler, storage=storage, study_name=study_name)
 
 
 try:  # a module-level class, so the searcher state pickles
@@ -263,6 +270,21 @@ class ResumableOptunaSearch(_OptunaSearch):  # type: ignore[misc,valid-type]
             super().on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        """Link the Optuna trial to what users see elsewhere (optuna-dashboard shows user
+        attributes): the tuneguard (Ray Tune) trial id, its MLflow run ids and the run that
+        carries its score."""
+        ot_trial = getattr(self, "_ot_trials", {}).get(trial_id)
+        if ot_trial is not None and trial_id not in getattr(self, "_completed_trials", set()):
+            try:
+                ot_trial.set_user_attr("tuneguard_trial", trial_id)
+                if result:
+                    ot_trial.set_user_attr("mlflow_run_ids", str(result.get("run_ids", "")))
+                    ot_trial.set_user_attr("mlflow_best_run_id", str(result.get("best_run_id", "")))
+            except Exception:  # noqa: BLE001 - a finished (replayed) trial takes no attributes
+                pass
+        super().on_trial_complete(trial_id, result, error)
 
 
 def close_stale_study_trials(results_dir: Path, study_name: str) -> int:
@@ -342,10 +364,10 @@ def start_job(
     (rdir / SPACE_FILE).write_text(space.text)
     uri = absolute_uri(resolve_tracking_uri(tracking_uri))
     parent = RunTracker(space.name, tracking_uri=uri, run_name=f"tune-{job_id}",
-                        tags={"tuneguard.kind": "tune_job", "tuneguard.job": job_id,
-                              "tuneguard.space": Path(space.path).name if space.path else "space.yaml",
-                              "tuneguard.objective_name": space.tune.objective,
-                              "tuneguard.results_dir": str(rdir), "tuneguard.status": "RUNNING",
+                        tags={schema.KIND: schema.KIND_TUNE_JOB, schema.JOB: job_id,
+                              schema.SPACE: Path(space.path).name if space.path else "space.yaml",
+                              schema.OBJECTIVE_NAME: space.tune.objective,
+                              schema.RESULTS_DIR: str(rdir), schema.STATUS: "RUNNING",
                               "mlflow.note.content": _note(space, job_id, rdir)})
     try:
         parent.log_params(space.flat_params())
@@ -448,9 +470,9 @@ def _end_job_run(info: JobInfo, status: str, tag: str, message: str = "") -> Non
         from tuneguard.tracking import client
 
         cl = client(info.tracking_uri)
-        cl.set_tag(info.parent_run_id, "tuneguard.status", tag)
+        cl.set_tag(info.parent_run_id, schema.STATUS, tag)
         if message:
-            cl.set_tag(info.parent_run_id, "tuneguard.message", message[:4000])
+            cl.set_tag(info.parent_run_id, schema.MESSAGE, message[:4000])
         cl.set_terminated(info.parent_run_id, status=status)
     except Exception:  # noqa: BLE001 - the original error is what matters
         pass
@@ -560,9 +582,9 @@ def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, con
     status = "INTERRUPTED" if interrupted else "FAILED" if summary.failed else "FINISHED"
     cl = client(info.tracking_uri)
     try:
-        cl.set_tag(info.parent_run_id, "tuneguard.status", status)
+        cl.set_tag(info.parent_run_id, schema.STATUS, status)
         if summary.failed or summary.stop_reason:
-            cl.set_tag(info.parent_run_id, "tuneguard.message",
+            cl.set_tag(info.parent_run_id, schema.MESSAGE,
                        (summary.stop_reason or f"every trial failed; the first: {summary.first_error}")[:4000])
         from tuneguard.tracking import mask_uri
 
@@ -587,20 +609,20 @@ def reconcile_runs(info: JobInfo, trial_ids: set[str]) -> tuple[int, int]:
         exp = cl.get_experiment_by_name(info.experiment)
         if exp is None:
             return 0, 0
-        flt = f"tags.`tuneguard.job` = '{info.job_id}' and tags.`tuneguard.kind` = 'trial'"
+        flt = schema.job_runs_filter(info.job_id)
         for run in cl.search_runs([exp.experiment_id], filter_string=flt, max_results=50_000):
-            if run.data.tags.get("tuneguard.trial") in trial_ids:
+            if run.data.tags.get(schema.TRIAL) in trial_ids:
                 continue
             from tuneguard.tune.objective import RESULT_TAG
 
             if RESULT_TAG in run.data.tags:
-                cl.set_tag(run.info.run_id, "tuneguard.orphan", "1")
+                cl.set_tag(run.info.run_id, schema.ORPHAN, "1")
                 kept += 1
             else:
                 cl.delete_run(run.info.run_id)
                 deleted += 1
         if deleted or kept:
-            cl.set_tag(info.parent_run_id, "tuneguard.orphan_runs", f"deleted {deleted} unfinished, kept {kept} finished")
+            cl.set_tag(info.parent_run_id, schema.ORPHAN_RUNS, f"deleted {deleted} unfinished, kept {kept} finished")
     except Exception:  # noqa: BLE001 - bookkeeping must not fail the job
         pass
     return deleted, kept
