@@ -88,6 +88,16 @@ def test_multi_objective_front_report_and_export_within_budget(example, tmp_path
     by_trial = dict(zip(res.trials["trial"], res.trials["run_ids"], strict=True))
     for t in study.trials:
         assert set(t.user_attrs["mlflow_run_ids"].split(",")) == set(by_trial[t.user_attrs["tuneguard_trial"]])
+    job_tags = MlflowClient(example["uri"]).get_run(res.parent_run_id).data.tags
+    never = all(f == 0 for f in res.trials["vn_bound_held_frac"])
+    assert job_tags["tuneguard.bound_never_held"] == ("1" if never else "0")  # the job run says it too
+    # the best model, logged with mlflow.pytorch on the best run
+    import mlflow.pytorch
+
+    assert job_tags["tuneguard.best_model_run"] == res.best_run_id
+    mlflow.set_tracking_uri(example["uri"])
+    model = mlflow.pytorch.load_model(f"runs:/{res.best_run_id}/model")
+    assert sum(p.numel() for p in model.parameters()) == 79_510  # 001's MLP 784-100-10
     front = res.frontier
     assert len(front) >= 2 and front["eps_total"].is_monotonic_increasing and front["objective"].is_monotonic_increasing
     within = front[front["eps_total"] <= 2.0]

@@ -158,16 +158,21 @@ def test_ui_opens_on_runs_with_descriptive_names_and_the_vn_figure(trained_job, 
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 120
-        while time.time() < deadline and url not in (tmp_path / "ui.out").read_text():
+        while time.time() < deadline and "tip:" not in (tmp_path / "ui.out").read_text():  # its last line
             assert proc.poll() is None, (tmp_path / "ui.out").read_text()
             time.sleep(0.5)
-        # the experiment's own page (no /runs): the classic runs table lists the run by its name
-        landing = browse(f"{url}/#/experiments/{parent.experiment_id}")
-        assert name in landing, "the experiment did not open on its runs"
-        page = browse(f"{url}/#/experiments/{parent.experiment_id}/runs/{res.run_id}/artifacts/plots/vn_vs_bound.png")
+        # the experiment's own page (no /runs): the classic runs table, with the job's run (its
+        # trials are nested under it), not MLflow 3's GenAI overview
+        link = next(x.split(": ", 1)[1].strip() for x in (tmp_path / "ui.out").read_text().splitlines()
+                    if x.strip().startswith(f"{exp}: "))  # the link `tuneguard ui` prints for the experiment
+        landing = browse(link)
+        assert "tune-uijob" in landing and "Run Name" in landing, "the experiment did not open on its runs"
+        run_page = browse(f"{url}/#/experiments/{parent.experiment_id}/runs/{res.run_id}?workflowType=machine_learning")
+        assert name in run_page, "the trial run does not show its descriptive name"
+        page = browse(f"{url}/#/experiments/{parent.experiment_id}/runs/{res.run_id}/artifacts/plots/vn_vs_bound.png?workflowType=machine_learning")
         assert "vn_vs_bound.png" in page, "the run's VN-vs-bound figure is not listed"
         ARTIFACTS.mkdir(exist_ok=True)
-        browse(f"{url}/#/experiments/{parent.experiment_id}/runs/{res.run_id}/artifacts/plots/vn_vs_bound.png",
+        browse(f"{url}/#/experiments/{parent.experiment_id}/runs/{res.run_id}/artifacts/plots/vn_vs_bound.png?workflowType=machine_learning",
                screenshot=ARTIFACTS / "ui_vn_vs_bound.png")
     finally:
         if proc.poll() is None:

@@ -249,9 +249,9 @@ def client(uri: str | None = None):
 def ensure_experiment(name: str, uri: str | None = None) -> str:
     """The experiment id for ``name``, created if missing (safe against concurrent creators).
 
-    It is tagged ``mlflow.experimentKind = custom_model_development``: without that tag the
-    MLflow 3 UI may open an experiment on its GenAI view (traces, evaluation runs); with it, on
-    the runs table and charts, which is what a training experiment needs."""
+    It is tagged ``mlflow.experimentKind = custom_model_development`` (a training experiment):
+    MLflow UIs without the GenAI / Model training switch open it on its runs; with the switch
+    (3.17), the links ``tuneguard ui`` prints select the view (see tuneguard/results/ui.py)."""
     from mlflow.exceptions import MlflowException
 
     cl = client(uri)

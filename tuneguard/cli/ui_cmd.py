@@ -30,6 +30,7 @@ def ui(
     from tuneguard.results.ui import (
         UIError,
         check_host_port,
+        experiment_url,
         is_public,
         job_study,
         reachable_hosts,
@@ -71,8 +72,8 @@ def ui(
         if public:
             names = [h for h in reachable_hosts() if h] or [host]
             url = f"http://{names[-1]}:{port}"
-        console.print(f"MLflow UI for {mask_uri(uri)} at {url}  (Ctrl-C to stop; log: {server.log_path})",
-                      highlight=False, markup=False)
+        console.print(f"MLflow UI for {mask_uri(uri)} at {experiment_url(url)}  (Ctrl-C to stop; log: "
+                      f"{server.log_path})", highlight=False, markup=False, soft_wrap=True)
         if public and url != server.url:
             console.print(f"  on this machine: {server.url}", highlight=False, markup=False)
         for name, link in _job_links(uri, url):
@@ -109,6 +110,8 @@ def _split(text: str | None) -> list[str]:
 
 def _job_links(uri: str, url: str, limit: int = 5) -> list[tuple[str, str]]:
     """The runs pages of the experiments holding the latest tune jobs."""
+    from tuneguard.results.ui import experiment_url
+
     try:
         from tuneguard.tracking import client
 
@@ -125,7 +128,7 @@ def _job_links(uri: str, url: str, limit: int = 5) -> list[tuple[str, str]]:
         eid = run.info.experiment_id
         if eid not in seen:
             seen.add(eid)
-            out.append((cl.get_experiment(eid).name, f"{url}/#/experiments/{eid}/runs"))
+            out.append((cl.get_experiment(eid).name, experiment_url(url, eid)))
     return out[:limit]
 
 

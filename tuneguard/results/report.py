@@ -315,9 +315,15 @@ def _value_axis(ax, xs: list[float], log: bool | None = None) -> None:
 
     if not xs:
         return
-    if log or (log is None and max(xs) / max(min(xs), 1e-12) >= 4):
+    logx = bool(log or (log is None and max(xs) / max(min(xs), 1e-12) >= 4))
+    if logx:
         ax.set_xscale("log")
-    ticks = sorted(set(xs))
+    pos = (lambda v: math.log(max(v, 1e-12))) if logx else (lambda v: v)  # noqa: E731
+    span = (pos(max(xs)) - pos(min(xs))) or 1.0
+    ticks: list[float] = []
+    for x in sorted(set(xs)):  # labels closer than ~6% of the axis overlap ("38" "41" read "3841")
+        if not ticks or (pos(x) - pos(ticks[-1])) / span >= 0.06:
+            ticks.append(x)
     if len(ticks) <= 8:
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))

@@ -24,6 +24,19 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+# The MLflow 3.17 UI picks its view from a global "workflow type" (GenAI or Model training), kept
+# in the browser's localStorage and defaulting to GenAI, so an experiment opens on the GenAI
+# overview (traces, evaluation runs, an assistant) whatever the experiment's mlflow.experimentKind
+# tag says. This query parameter selects "Model training" for the page it is on: every link
+# tuneguard prints carries it, so the experiment opens on its runs table.
+CLASSIC_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(url: str, experiment_id: str | None = None) -> str:
+    """The UI link of an experiment's runs (or of the experiment list) in the classic view."""
+    route = f"/experiments/{experiment_id}" if experiment_id else "/experiments"
+    return f"{url}/#{route}?{CLASSIC_VIEW}"
+
 
 class UIError(RuntimeError):
     """The server could not start (port taken, not a SQLite store, ...)."""

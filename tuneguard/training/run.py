@@ -31,9 +31,10 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     engine_info: dict[str, str] = field(default_factory=dict)  # engine facts for the MLflow run's tags
+    model: Any = None  # the trained torch model, with train(keep_model=True) on the local engine
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("history", "engine_info")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("history", "engine_info", "model")}
 
 
 def make_engine(cfg: ExperimentConfig, worker_groups: Sequence[Sequence[int]] | None = None, data: Any = None):
@@ -59,6 +60,7 @@ def train(
     resume: dict[str, Any] | None = None,
     plots: bool = True,
     data: Any = None,
+    keep_model: bool = False,
 ) -> RunResult:
     """Run ``cfg`` to completion (or divergence) and return its numbers.
 
@@ -104,7 +106,7 @@ def train(
                 tracker.end("FINISHED")
             return result
         try:
-            result = _loop(cfg, engine, tracker, callback, checkpoint_fn, checkpoint_every, resume)
+            result = _loop(cfg, engine, tracker, callback, checkpoint_fn, checkpoint_every, resume, keep_model)
             result.engine_info = engine_info(engine)
         except BaseException:
             if tracker:  # a lost actor's restarts are part of the failed run's record
@@ -128,7 +130,8 @@ def train(
 
 
 def _loop(cfg: ExperimentConfig, engine, tracker, callback: StepCallback | None,
-          checkpoint_fn: CheckpointFn | None, checkpoint_every: int, resume: dict[str, Any] | None) -> RunResult:
+          checkpoint_fn: CheckpointFn | None, checkpoint_every: int, resume: dict[str, Any] | None,
+          keep_model: bool = False) -> RunResult:
     ctx_plan = engine.plan
     steps = ctx_plan.steps
     bound = vn_bound(build_gar(cfg))
@@ -183,8 +186,13 @@ def _loop(cfg: ExperimentConfig, engine, tracker, callback: StepCallback | None,
             message = f"model parameters became non-finite at step {s} (lr={cfg.lr}, gar={cfg.gar.name}); run stopped"
             break
     done = history[-1]["step"] if history else 0
-    return RunResult(status, message, done, steps, max_acc if max_acc > -math.inf else math.nan, acc,
-                     ctx_plan.sigma, eps_spent, tracker.run_id if tracker else None, history)
+    result = RunResult(status, message, done, steps, max_acc if max_acc > -math.inf else math.nan, acc,
+                       ctx_plan.sigma, eps_spent, tracker.run_id if tracker else None, history)
+    ctx = getattr(engine, "ctx", None)  # the local engine holds the model in this process
+    if keep_model and ctx is not None and status == "FINISHED":
+        ctx.set_params(state.theta)
+        result.model = ctx.model
+    return result
 
 
 _EVAL_STEP_ONLY = frozenset({"vn_bound", "max_cross_accuracy"})

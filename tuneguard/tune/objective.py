@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneguard.results import schema
+from tuneguard.tune.trial_report import TrialReport
 
 CHECKPOINT_FILE = "trial.pt"
 RESULT_TAG = schema.TRIAL_RESULT  # the trial's final Tune report, JSON, on each of its runs
@@ -166,10 +167,9 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
             tune.report(next(iter(stored.values())))
             return
         kind = "EXCLUDED" if isinstance(err, Excluded) else "INVALID"
-        report = {"objective": 0.0, "eps_total": math.inf, "excluded": 1, "infeasible": 0, "trial_done": 1, "step": 0,
-                  "reason": str(err)[:500], "run_ids": "", "best_run_id": ""}
-        report["run_ids"] = _record_outcome(job, trial_id, point, kind, str(err), report)
-        tune.report(report)
+        report = TrialReport(objective=0.0, excluded=1, trial_done=1, reason=str(err)[:500])
+        report.run_ids = _record_outcome(job, trial_id, point, kind, str(err), report.to_tune())
+        tune.report(report.to_tune())
         return
     if specs and all(s.key in stored for s in specs):
         tune.report(stored[specs[0].key])
@@ -293,18 +293,15 @@ def _intermediate(lock: Lockstep, specs, done: dict[str, dict[str, Any]]) -> dic
             eps[s.key] = m["eps_spent"]
         if m.get("vn_submit") is not None:
             vn[s.key] = m["vn_submit"]
-    worst = min(specs, key=lambda s: _finite(best.get(s.key)))
-    out = {"objective": aggregate(best, specs), "cross_accuracy": min(_finite(v) for v in acc.values()),
-           "step": step, "infeasible": 0, "excluded": 0, "trial_done": 0, "worst_attack": worst.attack,
-           "best_run_id": ""}
-    if eps:
-        out["eps_spent"] = max(_finite(v) for v in eps.values())
-    from tuneguard.tune.objectives import EPS_TOTAL, eps_total
+    from tuneguard.tune.objectives import eps_total
 
-    out[EPS_TOTAL] = eps_total(eps)  # Tune checks every report carries each searched metric
-    if worst.key in vn:
-        out["vn_submit"] = _finite(vn[worst.key], math.nan)
-    return out
+    worst = min(specs, key=lambda s: _finite(best.get(s.key)))
+    out = TrialReport(
+        objective=aggregate(best, specs), cross_accuracy=min(_finite(v) for v in acc.values()), step=step,
+        worst_attack=worst.attack, eps_spent=max(_finite(v) for v in eps.values()) if eps else None,
+        eps_total=eps_total(eps),  # Tune checks every report carries each searched metric
+        vn_submit=_finite(vn[worst.key], math.nan) if worst.key in vn else None)
+    return out.to_tune()
 
 
 def _at_step(summary: dict[str, Any], step: int) -> tuple[float, float]:
@@ -372,26 +369,21 @@ def _finish(job: JobContext, space, specs, summaries: dict[str, dict[str, Any]],
     final = {s.key: summaries[s.key]["final_cross_accuracy"] for s in specs}
     first_seed = specs[0].seed
     rep = min((s for s in specs if s.seed == first_seed), key=lambda s: _finite(best[s.key]))
-    metrics: dict[str, Any] = {
-        "objective": 0.0 if infeasible else aggregate(best, specs),
-        "max_cross_accuracy": _finite(best[rep.key]),
-        "cross_accuracy": min(_finite(v) for v in final.values()),
-        "infeasible": 1 if infeasible else 0, "excluded": 0, "trial_done": 1,
-        "step": max(int(summaries[s.key]["steps"]) for s in specs),
-        "worst_attack": rep.attack,
-        "reason": summaries[infeasible[0].key]["message"][:500] if infeasible else "",
-        "run_ids": ",".join(summaries[s.key]["run_id"] or "" for s in specs),
-        "best_run_id": "" if infeasible else (summaries[rep.key]["run_id"] or ""),
-    }
-    eps = [summaries[s.key]["eps_spent"] for s in specs if summaries[s.key]["eps_spent"] is not None]
-    if eps:
-        metrics["eps_spent"] = max(eps)
-    diverged = [s.key for s in specs if summaries[s.key]["status"] == "DIVERGED"]
-    metrics["diverged"] = len(diverged)
     from tuneguard.tune.objectives import EPS_TOTAL, eps_total
 
-    # The privacy side of the trial (accuracy_vs_eps minimises it): inf without DP or when infeasible.
-    metrics[EPS_TOTAL] = math.inf if infeasible else eps_total({s.key: summaries[s.key]["eps_spent"] for s in specs})
+    eps = [summaries[s.key]["eps_spent"] for s in specs if summaries[s.key]["eps_spent"] is not None]
+    report = TrialReport(
+        objective=0.0 if infeasible else aggregate(best, specs), max_cross_accuracy=_finite(best[rep.key]),
+        cross_accuracy=min(_finite(v) for v in final.values()), infeasible=1 if infeasible else 0, trial_done=1,
+        step=max(int(summaries[s.key]["steps"]) for s in specs), worst_attack=rep.attack,
+        reason=summaries[infeasible[0].key]["message"][:500] if infeasible else "",
+        run_ids=",".join(summaries[s.key]["run_id"] or "" for s in specs),
+        best_run_id="" if infeasible else (summaries[rep.key]["run_id"] or ""),
+        eps_spent=max(eps) if eps else None,
+        diverged=sum(summaries[s.key]["status"] == "DIVERGED" for s in specs),
+        # The privacy side of the trial (accuracy_vs_eps minimises it): inf without DP or when infeasible.
+        eps_total=math.inf if infeasible else eps_total({s.key: summaries[s.key]["eps_spent"] for s in specs}))
+    metrics = report.to_tune()
     cl = client(job.tracking_uri)
     from mlflow.entities import Metric, RunTag
 

@@ -34,7 +34,7 @@ def plain_every_s() -> float:
     import os
 
     try:
-        return max(1.0, float(os.environ.get("TUNEGUARD_PROGRESS_EVERY", "30")))
+        return max(0.0, float(os.environ.get("TUNEGUARD_PROGRESS_EVERY", "30")))
     except ValueError:
         return 30.0
 
@@ -95,14 +95,9 @@ def _fmt_time(seconds: float | None) -> str:
 
 def outcome(result: dict[str, Any] | None) -> str:
     """done | infeasible | excluded | stopped (ASHA) from a trial's last result."""
-    r = result or {}
-    if r.get("excluded"):
-        return "excluded"
-    if r.get("infeasible"):
-        return "infeasible"
-    if r.get("trial_done"):
-        return "done"
-    return "stopped"
+    from tuneguard.tune.trial_report import TrialReport
+
+    return TrialReport.of(result).outcome
 
 
 class ProgressView(Callback):

@@ -590,10 +590,56 @@ def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, con
 
         cl.log_dict(info.parent_run_id, {**asdict(summary), "tracking_uri": mask_uri(summary.tracking_uri)},
                     "summary.json")
+        if space.tune.log_best_model and summary.best_run_id and not interrupted:
+            log_best_model(cl, info, summary.best_run_id)
+        verdict = bound_verdict(cl, info)
+        if verdict is not None:
+            cl.set_tag(info.parent_run_id, schema.BOUND_NEVER_HELD, "1" if verdict else "0")
         cl.set_terminated(info.parent_run_id, status={"INTERRUPTED": "KILLED"}.get(status, status))
     except Exception:  # noqa: BLE001 - the summary must still print
         pass
     return summary
+
+
+def log_best_model(cl, info: JobInfo, run_id: str) -> None:
+    """Log the job's best model with ``mlflow.pytorch`` (artifact ``model`` of its best run; the
+    job run's tag ``tuneguard.best_model_run`` points at it). Trials keep no weights, so the best
+    run's exact config is retrained here on the local engine: same seed, same numbers (DESIGN,
+    "one step, one source of truth"), one run's cost at the end of a job. Never fails the job."""
+    try:
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        from tuneguard.config import build_config
+        from tuneguard.results.export import run_config
+        from tuneguard.training import train
+
+        cfg = build_config({**run_config(cl, run_id), "engine": "local"})
+        res = train(cfg, track=False, keep_model=True, plots=False)
+        if res.model is None:
+            return
+        mlflow.set_tracking_uri(info.tracking_uri)
+        with mlflow.start_run(run_id=run_id):
+            # Explicit requirements: MLflow would otherwise load the model in a subprocess to infer them.
+            mlflow.pytorch.log_model(res.model.cpu(), name="model",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        cl.set_tag(info.parent_run_id, schema.BEST_MODEL_RUN, run_id)
+    except Exception as err:  # noqa: BLE001 - the job's results stand without the model
+        cl.set_tag(info.parent_run_id, schema.BEST_MODEL_RUN, f"not logged: {type(err).__name__}: {err}"[:500])
+
+
+def bound_verdict(cl, info: JobInfo) -> bool | None:
+    """Whether the VN bound never held in any run of the job (001's finding under DP: the GAR's
+    robustness condition vn_submit < 1/kappa fails at every step); None when no run has a bound."""
+    exp = cl.get_experiment_by_name(info.experiment)
+    if exp is None:
+        return None
+    fracs = [r.data.metrics[schema.VN_HELD_FRAC]
+             for r in cl.search_runs([exp.experiment_id], filter_string=schema.job_runs_filter(info.job_id),
+                                     max_results=50_000)
+             if schema.VN_HELD_FRAC in r.data.metrics]
+    return None if not fracs else all(f == 0 for f in fracs)
 
 
 def reconcile_runs(info: JobInfo, trial_ids: set[str]) -> tuple[int, int]:
@@ -629,6 +675,8 @@ def reconcile_runs(info: JobInfo, trial_ids: set[str]) -> tuple[int, int]:
 
 
 def _summarise(space: Space, info: JobInfo, grid, seconds: float, interrupted: bool) -> JobSummary:
+    from tuneguard.tune.trial_report import TrialReport
+
     completed = errored = infeasible = excluded = stopped = 0
     first_error: str | None = None
     best: tuple[float, dict, str] | None = None
@@ -644,16 +692,15 @@ def _summarise(space: Space, info: JobInfo, grid, seconds: float, interrupted: b
 
                     first_error = headline(str(r.error))
                 continue
-            if m.get("trial_done"):
+            rep = TrialReport.of(m)
+            if rep.trial_done:
                 completed += 1
             elif m:
                 stopped += 1
-            infeasible += int(m.get("infeasible", 0) or 0)
-            excluded += int(m.get("excluded", 0) or 0)
-            if m.get("trial_done") and not m.get("infeasible") and not m.get("excluded"):
-                obj = float(m.get("objective", 0.0))
-                if best is None or obj > best[0]:
-                    best = (obj, space.decode((r.config or {}).get("point", r.config or {})), str(m.get("best_run_id", "")))
+            infeasible += int(rep.infeasible or 0)
+            excluded += int(rep.excluded or 0)
+            if rep.scored and (best is None or rep.objective > best[0]):
+                best = (rep.objective, space.decode((r.config or {}).get("point", r.config or {})), rep.best_run_id)
     return JobSummary(info.job_id, info.results_dir, info.tracking_uri, info.experiment, info.parent_run_id, trials,
                       completed, errored, infeasible, excluded, best[0] if best else None, best[1] if best else None,
                       best[2] if best else None, seconds, interrupted, stopped, space.tune.scheduler,

@@ -117,6 +117,8 @@ class TuneSettings(_Strict):
         3, ge=0, le=100_000, description="stop the job once this many trials failed with the same error (0: never)")
     ship_data: bool = Field(False, description="load the data once where the job starts and ship the arrays to the "
                             "trials through Ray's object store (clusters without a shared filesystem)")
+    log_best_model: bool = Field(True, description="at the end, retrain the best run (same seed, same numbers) and "
+                                 "log its model with mlflow.pytorch (artifact model of that run)")
     run_plots: bool = Field(False, description="log each run's curves figure (plots/curves.png): ~1 s of matplotlib per run")
     checkpoint_every: int | None = Field(None, ge=1, le=MAX_STEPS, description="steps between trial checkpoints; default ~4 per run")
     n_startup_trials: int | None = Field(None, ge=1, le=100_000, description="random trials before TPE; default max(2, min(10, num_samples // 2))")
