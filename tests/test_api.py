@@ -94,9 +94,10 @@ def test_multi_objective_front_report_and_export_within_budget(example, tmp_path
     # the best model, logged with mlflow.pytorch on the best run
     import mlflow.pytorch
 
-    assert job_tags["tuneguard.best_model_run"] == res.best_run_id
+    best = job_tags["tuneguard.best_model_run"]  # a best trial's run (two may tie: same point, same numbers)
+    assert best in set(res.trials[res.trials["objective"] == res.best_objective]["run_id"])
     mlflow.set_tracking_uri(example["uri"])
-    model = mlflow.pytorch.load_model(f"runs:/{res.best_run_id}/model")
+    model = mlflow.pytorch.load_model(f"runs:/{best}/model")
     assert sum(p.numel() for p in model.parameters()) == 79_510  # 001's MLP 784-100-10
     front = res.frontier
     assert len(front) >= 2 and front["eps_total"].is_monotonic_increasing and front["objective"].is_monotonic_increasing
