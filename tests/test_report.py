@@ -224,3 +224,40 @@ def test_report_does_not_claim_never_held_when_it_held(tmp_path):
     page = generate_report(uri, out_dir=tmp_path / "out").index.read_text()
     assert 'id="bound-held"' in page and "held in 1 of 1 run(s)" in page and "50%" in page
     assert "bound-never-held" not in page
+
+
+def test_ui_optuna_serves_the_jobs_study_next_to_mlflow(built, tmp_path):
+    """`tuneguard ui --optuna`: optuna-dashboard on the job's study (found through the job run's
+    results dir), both servers stopped by one Ctrl-C."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ui.out"
+    with open(out, "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("tuneguard")), "ui", "--tracking-uri", built["uri"],
+                                 "--port", str(port), "--optuna"], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TUNEGUARD_HOME": str(tmp_path / "home")}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "optuna-dashboard for tune job" not in out.read_text():
+            assert proc.poll() is None and time.time() < deadline, out.read_text()
+            time.sleep(0.5)
+        studies = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/api/studies", timeout=5).read())
+        assert [s["study_name"] for s in studies["study_summaries"]] == [JOB]
+        assert f"http://127.0.0.1:{port + 1}/dashboard/" in out.read_text()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, out.read_text()
+    for p in (port, port + 1):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{p}/", timeout=2)
