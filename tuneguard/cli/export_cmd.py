@@ -33,8 +33,9 @@ def export(
         fail(str(err))
     for e in written:
         gar = e.config["gar"]["name"]
+        eps = f" eps_total={e.eps_total:.4g}" if e.eps_total is not None else ""
         console.print(f"rank {e.rank}: score {e.score:.4f}  gar={gar} batch_size={e.config['batch_size']} "
-                      f"seed={e.config['seed']}  run {e.run_id} -> [bold]{e.path}[/]", highlight=False)
+                      f"seed={e.config['seed']}{eps}  run {e.run_id} -> [bold]{e.path}[/]", highlight=False)
     if len(written) < top:
         console.print(f"[yellow]only {len(written)} completed, feasible trial(s) to export[/]")
     console.print(f"retrain the best: tuneguard train {written[0].path}", highlight=False)

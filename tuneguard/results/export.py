@@ -48,6 +48,7 @@ class Exported:
     run_id: str
     trial_id: str
     config: dict[str, Any]
+    eps_total: float | None = None  # the trial's total epsilon (metric eps_total), when logged
 
 
 
@@ -190,7 +191,7 @@ def export(out: str | Path, *, tracking_uri: str | None = None, job: str | None 
             path.write_text(header + yaml.safe_dump({"tuneguard_export": meta, "config": cfg}, sort_keys=False))
         except OSError as err:
             raise ExportError(f"cannot write {path}: {err.strerror or err}") from None
-        written.append(Exported(path, rank, meta["score"], run.info.run_id, trial_id, cfg))
+        written.append(Exported(path, rank, meta["score"], run.info.run_id, trial_id, cfg, meta["eps_total"]))
     return written
 
 
