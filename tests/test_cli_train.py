@@ -55,3 +55,14 @@ def test_missing_data_names_the_options(tmp_path):
         assert "--data-dir" in text and "TUNEGUARD_DATA_DIR" in text
     else:
         raise AssertionError("expected DataNotFoundError")
+
+
+def test_off_a_terminal_progress_is_plain_unwrapped_lines(data_dir, monkeypatch):
+    """In a log (no terminal): a plain line per TUNEGUARD_PROGRESS_EVERY seconds (here every step)
+    and the last step, each one whole line."""
+    monkeypatch.setenv("TUNEGUARD_PROGRESS_EVERY", "0")
+    res = runner.invoke(app, ["train", "configs/mnist_001.yaml", *FAST, "--set", "gar=median", "--no-track"])
+    assert res.exit_code == 0, res.output
+    lines = [x for x in res.output.splitlines() if x.startswith("train step ")]
+    assert [x.split()[2] for x in lines] == ["1/3", "2/3", "3/3"], res.output
+    assert all("VN " in x and "ETA" in x for x in lines)

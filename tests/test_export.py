@@ -12,8 +12,8 @@ import yaml
 from typer.testing import CliRunner
 
 from tuneguard.config import build_config, load_config
+from tuneguard.results.export import ExportError, export
 from tuneguard.tracking import RunTracker
-from tuneguard.tune.export import ExportError, export
 
 
 def make_job(uri: str, experiment: str, job_id: str, trials: list[dict]) -> str:

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from tuneguard.config import ConfigError, build_config, load_config
+from tuneguard.results.ui import group_alive
 from tuneguard.safeyaml import YamlError, loads, scalar
 from tuneguard.tune.space import Space, SpaceError
-from tuneguard.tune.ui import group_alive
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "mnist_001.yaml")

@@ -16,7 +16,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tuneguard.cli import app
-from tuneguard.report import FIGURE_FILES, ReportError, build_report, generate_report
+from tuneguard.results.report import FIGURE_FILES, ReportError, build_report, generate_report
 from tuneguard.tracking import RunTracker, client
 
 EXP = "tg-report-test"
@@ -112,7 +112,7 @@ def test_report_html_figures_summary_and_artifacts(built):
     page = index.read_text()
     pngs = sorted(p.name for p in rep.out_dir.glob("*.png"))
     # every figure has data in this store
-    assert pngs == sorted(FIGURE_FILES), rep.skipped
+    assert pngs == sorted(set(FIGURE_FILES) - {"pareto_front.png"}), rep.skipped  # no eps_total here
     for name in pngs:
         assert f'src="{name}"' in page
         p = rep.out_dir / name
@@ -193,3 +193,71 @@ def test_panels_without_data_are_skipped_with_a_reason(tmp_path):
     rep = generate_report(uri, out_dir=tmp_path / "one", optuna_storage=str(db), log_artifacts=False)
     assert "search_progress.png" in [p.name for p in rep.figures]
     assert "needs at least 2 completed Optuna trials; the study has 1" in rep.index.read_text()
+
+
+def test_report_says_plainly_when_the_bound_never_held(built):
+    """DP noise (eps = 0.5 per step, b <= 16) keeps the submitted VN ratio above the bound at every
+    step (001's finding): each run records it and the report says so, with what it means."""
+    cl = client(built["uri"])
+    for run_id in built["scores"]:
+        m = cl.get_run(run_id).data.metrics
+        if "vn_bound" in m:  # median, krum (sign_majority has no known bound)
+            assert m["vn_bound_held_frac"] == 0.0 and m["vn_submit_over_bound_median"] > 1
+            assert 0.0 <= m["noise_share_mean"] <= 1.0
+    page = built["report"].index.read_text()
+    assert 'id="bound-never-held"' in page and "001&#x27;s central finding" in page
+    assert 'id="bound-held"' not in page and '<table id="why">' in page
+
+
+def test_report_does_not_claim_never_held_when_it_held(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    parent = RunTracker("tg-report-held", tracking_uri=uri, tags={"tuneguard.kind": "tune_job", "tuneguard.job": "held"})
+    run = RunTracker("tg-report-held", tracking_uri=uri, parent_run_id=parent.run_id,
+                     tags={"tuneguard.kind": "trial", "tuneguard.job": "held", "tuneguard.trial": "t0",
+                           "tuneguard.representative": "1"})
+    run.log_params({"gar.name": "median", "batch_size": 500, "f": 1, "attack.name": "little", "seed": 1})
+    for step, vn in enumerate([0.3, 0.5, 0.35, 0.6], start=1):  # under the bound 0.41 at half the steps
+        run.log_metrics({"vn_submit": vn, "vn_sample": vn, "vn_bound": 0.41, "max_cross_accuracy": 0.8,
+                         "objective": 0.8}, step=step)
+    run.end()
+    parent.end()
+    page = generate_report(uri, out_dir=tmp_path / "out").index.read_text()
+    assert 'id="bound-held"' in page and "held in 1 of 1 run(s)" in page and "50%" in page
+    assert "bound-never-held" not in page
+
+
+def test_ui_optuna_serves_the_jobs_study_next_to_mlflow(built, tmp_path):
+    """`tuneguard ui --optuna`: optuna-dashboard on the job's study (found through the job run's
+    results dir), both servers stopped by one Ctrl-C."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ui.out"
+    with open(out, "w") as log:
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("tuneguard")), "ui", "--tracking-uri", built["uri"],
+                                 "--port", str(port), "--optuna"], stdout=log, stderr=subprocess.STDOUT,
+                                env={**os.environ, "TUNEGUARD_HOME": str(tmp_path / "home")}, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while "optuna-dashboard for tune job" not in out.read_text():
+            assert proc.poll() is None and time.time() < deadline, out.read_text()
+            time.sleep(0.5)
+        studies = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/api/studies", timeout=5).read())
+        assert [s["study_name"] for s in studies["study_summaries"]] == [JOB]
+        assert f"http://127.0.0.1:{port + 1}/dashboard/" in out.read_text()
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGINT)
+        proc.wait(timeout=30)
+    assert proc.returncode == 0, out.read_text()
+    for p in (port, port + 1):
+        with pytest.raises(OSError):
+            urllib.request.urlopen(f"http://127.0.0.1:{p}/", timeout=2)

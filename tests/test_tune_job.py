@@ -94,7 +94,7 @@ def test_small_space_end_to_end(ray_cluster, tmp_path, tracking_uri):
         assert [m.step for m in cl.get_metric_history(k.info.run_id, "cross_accuracy")] == [2, 4]
         assert [m.step for m in cl.get_metric_history(k.info.run_id, "eps_spent")] == [2, 4]
         assert k.data.metrics["eps_spent"] <= 4.0 + 1e-6
-        assert k.data.metrics["objective"] == k.data.metrics["best_cross_accuracy"]  # one attack, one seed
+        assert k.data.metrics["objective"] == k.data.metrics["max_cross_accuracy"]  # one attack, one seed
 
     study = optuna.load_study(study_name=summary.job_id, storage=f"sqlite:///{rdir / 'optuna.db'}")
     assert len(study.trials) == 3 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
@@ -146,21 +146,21 @@ def test_worst_case_is_the_minimum_over_attacks(worst_case_job):
     feasible = [k for k in children(cl, name, summary.job_id) if k.data.tags.get("tuneguard.infeasible") != "1"]
     assert sorted(k.data.tags["tuneguard.attack"] for k in feasible) == ["empire", "little"]
     assert len({k.data.tags["tuneguard.trial"] for k in feasible}) == 1
-    best = {k.data.tags["tuneguard.attack"]: k.data.metrics["best_cross_accuracy"] for k in feasible}
+    best = {k.data.tags["tuneguard.attack"]: k.data.metrics["max_cross_accuracy"] for k in feasible}
     objective = min(best.values())
     assert all(k.data.metrics["objective"] == objective for k in feasible)
     [rep] = [k for k in feasible if k.data.tags.get("tuneguard.representative") == "1"]
-    assert rep.data.metrics["best_cross_accuracy"] == objective
+    assert rep.data.metrics["max_cross_accuracy"] == objective
     assert summary.best_objective == objective and summary.best_run_id == rep.info.run_id
 
     # the runs of a trial train side by side in threads; each must match a run on its own
     from tuneguard.config import build_config
+    from tuneguard.results.export import run_config
     from tuneguard.training import train
-    from tuneguard.tune.export import run_config
 
     for k in feasible:
         alone = train(build_config(run_config(cl, k.info.run_id)), track=False)
-        assert alone.max_cross_accuracy == k.data.metrics["best_cross_accuracy"], k.data.tags["tuneguard.attack"]
+        assert alone.max_cross_accuracy == k.data.metrics["max_cross_accuracy"], k.data.tags["tuneguard.attack"]
         assert alone.final_cross_accuracy == k.data.metrics["final_cross_accuracy"]
 
     # intermediate reports (for ASHA): at each eval step, the min over attacks of the max so far

@@ -120,3 +120,66 @@ def test_ui_lists_the_experiment_and_its_runs(store, tmp_path):
     time.sleep(1.0)
     with pytest.raises(OSError):  # the server went with it
         urllib.request.urlopen(f"{url}/health", timeout=2)
+
+
+@pytest.fixture()
+def trained_job(tmp_path, data_dir):
+    """A finished job's runs as ``tuneguard tune`` writes them, trained for real (tiny config):
+    default run names, the VN-vs-bound figure, the experiment kind tag."""
+    from tuneguard.config import build_config
+    from tuneguard.training import train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp = f"tg-ui-job-{uuid.uuid4().hex[:6]}"
+    parent = RunTracker(exp, tracking_uri=uri, run_name="tune-uijob",
+                        tags={"tuneguard.kind": "tune_job", "tuneguard.job": "uijob"})
+    cfg = build_config({"name": exp, "dataset": "mnist", "n_workers": 5, "f": 1, "attack": "little", "gar": "median",
+                        "batch_size": 16, "lr": 0.1, "steps": 4, "eval_every": 2,
+                        "privacy": {"mode": "per_step", "eps": 0.5}})
+    res = train(cfg, tracking_uri=uri, tags={"tuneguard.kind": "trial", "tuneguard.job": "uijob"},
+                parent_run_id=parent.run_id, plots=False)
+    parent.end()
+    return uri, exp, parent, res
+
+
+def test_ui_opens_on_runs_with_descriptive_names_and_the_vn_figure(trained_job, tmp_path):
+    from mlflow import MlflowClient
+
+    uri, exp, parent, res = trained_job
+    name = "median b=16 lr=0.10 little eps=0.5/step"
+    cl = MlflowClient(uri)
+    assert cl.get_run(res.run_id).info.run_name == name
+    assert cl.get_experiment(parent.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    port = free_port()
+    env = {**os.environ, "TUNEGUARD_HOME": str(tmp_path / "home")}
+    log = open(tmp_path / "ui.out", "w+")
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("tuneguard")), "ui", "--tracking-uri", uri,
+                             "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "tip:" not in (tmp_path / "ui.out").read_text():  # its last line
+            assert proc.poll() is None, (tmp_path / "ui.out").read_text()
+            time.sleep(0.5)
+        # the experiment's own page (no /runs): the classic runs table, with the job's run (its
+        # trials are nested under it), not MLflow 3's GenAI overview
+        link = next(x.split(": ", 1)[1].strip() for x in (tmp_path / "ui.out").read_text().splitlines()
+                    if x.strip().startswith(f"{exp}: "))  # the link `tuneguard ui` prints for the experiment
+        landing = browse(link)
+        assert "tune-uijob" in landing and "Run Name" in landing, "the experiment did not open on its runs"
+        run_page = browse(f"{url}/#/experiments/{parent.experiment_id}/runs/{res.run_id}?workflowType=machine_learning")
+        assert name in run_page, "the trial run does not show its descriptive name"
+        page = browse(f"{url}/#/experiments/{parent.experiment_id}/runs/{res.run_id}/artifacts/plots/vn_vs_bound.png?workflowType=machine_learning")
+        assert "vn_vs_bound.png" in page, "the run's VN-vs-bound figure is not listed"
+        ARTIFACTS.mkdir(exist_ok=True)
+        browse(f"{url}/#/experiments/{parent.experiment_id}/runs/{res.run_id}/artifacts/plots/vn_vs_bound.png?workflowType=machine_learning",
+               screenshot=ARTIFACTS / "ui_vn_vs_bound.png")
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
+        log.close()

@@ -21,6 +21,8 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from tuneguard.results import schema
+
 PARAM_MAX_LEN = 6000
 REACH_TIMEOUT_S = 5.0
 DB_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores MLflow supports besides sqlite
@@ -245,21 +247,35 @@ def client(uri: str | None = None):
 
 
 def ensure_experiment(name: str, uri: str | None = None) -> str:
-    """The experiment id for ``name``, created if missing (safe against concurrent creators)."""
+    """The experiment id for ``name``, created if missing (safe against concurrent creators).
+
+    It is tagged ``mlflow.experimentKind = custom_model_development`` (a training experiment):
+    MLflow UIs without the GenAI / Model training switch open it on its runs; with the switch
+    (3.17), the links ``tuneguard ui`` prints select the view (see tuneguard/results/ui.py)."""
     from mlflow.exceptions import MlflowException
 
     cl = client(uri)
     exp = cl.get_experiment_by_name(name)
     if exp is not None:
+        if schema.EXPERIMENT_KIND_TAG not in exp.tags:
+            _set_kind(cl, exp.experiment_id)
         return exp.experiment_id
     root = _artifact_root(resolve_tracking_uri(uri))
     try:
-        return cl.create_experiment(name, artifact_location=f"{root}/{artifact_dir_name(name)}" if root else None)
+        return cl.create_experiment(name, artifact_location=f"{root}/{artifact_dir_name(name)}" if root else None,
+                                    tags={schema.EXPERIMENT_KIND_TAG: schema.EXPERIMENT_KIND_TRAINING})
     except MlflowException:  # another trial created it first
         exp = cl.get_experiment_by_name(name)
         if exp is None:
             raise
         return exp.experiment_id
+
+
+def _set_kind(cl, experiment_id: str) -> None:
+    try:
+        cl.set_experiment_tag(experiment_id, schema.EXPERIMENT_KIND_TAG, schema.EXPERIMENT_KIND_TRAINING)
+    except Exception:  # noqa: BLE001 - the view is a convenience; a read-only store still works
+        pass
 
 
 class RunTracker:
@@ -355,9 +371,9 @@ class RunTracker:
         except Exception:  # noqa: BLE001
             self._buffer = []
         try:
-            tags = {"tuneguard.status": status}
+            tags = {schema.STATUS: status}
             if message:
-                tags["tuneguard.message"] = message[:4000]
+                tags[schema.MESSAGE] = message[:4000]
             self.set_tags(tags)
         except Exception:  # noqa: BLE001
             pass

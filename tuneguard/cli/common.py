@@ -20,8 +20,10 @@ from rich.console import Console
 from typer.core import TyperGroup
 
 T = TypeVar("T")
-err_console = Console(stderr=True)
-console = Console()
+# Off a terminal (CI logs, pipes, files) rich would wrap every line at 80 columns, breaking the
+# commands and ids users copy out of a log: print each line whole instead.
+err_console = Console(stderr=True, soft_wrap=not sys.stderr.isatty())
+console = Console(soft_wrap=not sys.stdout.isatty())
 
 MAX_MESSAGE = 4000
 

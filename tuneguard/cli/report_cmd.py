@@ -24,7 +24,7 @@ def report(
 
     Open OUTPUT/index.html in a browser; the files are also logged to the job's MLflow run under report/.
     """
-    from tuneguard.report import ReportError, generate_report
+    from tuneguard.results.report import ReportError, generate_report
 
     try:
         rep = generate_report(tracking_uri, job, experiment, output, optuna_storage=optuna_storage, study=study,

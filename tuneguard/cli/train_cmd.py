@@ -39,7 +39,8 @@ def train(
 
     try:
         with stop_on_signals():
-            result = user_errors(lambda: _run(cfg, tracking_uri, not no_track, quiet=as_json))
+            result = user_errors(lambda: _run(cfg, tracking_uri, not no_track, quiet=as_json,
+                                              tags=_provenance(config)))
     except KeyboardInterrupt as err:
         name = err.args[0] if isinstance(err, Terminated) and err.args else "SIGINT"
         code = 128 + (err.signum if isinstance(err, Terminated) else 2)
@@ -100,7 +101,13 @@ def _dry_run(cfg) -> None:
         console.print(f"privacy plan: computed after loading and partitioning the data ({why})")
 
 
-def _run(cfg, tracking_uri, track: bool, quiet: bool):
+def _provenance(path: Path) -> dict[str, str]:
+    from tuneguard.results.export import provenance_tags
+
+    return provenance_tags(path)
+
+
+def _run(cfg, tracking_uri, track: bool, quiet: bool, tags: dict[str, str] | None = None):
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -114,7 +121,9 @@ def _run(cfg, tracking_uri, track: bool, quiet: bool):
     from tuneguard.training import train as train_run
 
     if quiet:  # reassert: the actors engine starts Ray, which replaces the SIGTERM handler
-        return train_run(cfg, tracking_uri=tracking_uri, track=track, callback=lambda m: reassert())
+        return train_run(cfg, tracking_uri=tracking_uri, track=track, tags=tags, callback=lambda m: reassert())
+    if not console.is_terminal:  # logs and pipes: a plain line at a steady rate, not a bar drawn at the end
+        return train_run(cfg, tracking_uri=tracking_uri, track=track, tags=tags, callback=_plain_lines(cfg))
     columns = (TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=False) as progress:
@@ -128,7 +137,33 @@ def _run(cfg, tracking_uri, track: bool, quiet: bool):
             progress.update(task, completed=m["step"], info=info)
             reassert()
 
-        return train_run(cfg, tracking_uri=tracking_uri, track=track, callback=on_step)
+        return train_run(cfg, tracking_uri=tracking_uri, track=track, tags=tags, callback=on_step)
+
+
+def _plain_lines(cfg):
+    """A step callback printing ``step s/T  loss  acc  VN (bound)  elapsed  ETA`` every
+    ``TUNEGUARD_PROGRESS_EVERY`` seconds (default 30) and at the last step."""
+    import time
+
+    from tuneguard.cli.signals import reassert
+    from tuneguard.tune.progress import _fmt_time, plain_every_s
+
+    start = last = time.time()
+    state = {"acc": float("nan"), "last": last}
+
+    def on_step(m: dict) -> None:
+        state["acc"] = m.get("cross_accuracy", state["acc"])
+        now = time.time()
+        if now - state["last"] >= plain_every_s() or m["step"] == cfg.steps:
+            state["last"] = now
+            per_step = (now - start) / max(1, m["step"])
+            console.print(f"train step {m['step']}/{cfg.steps}  loss {m['train_loss']:.3f}  acc {state['acc']:.3f}  "
+                          f"VN {m['vn_submit']:.3g} (bound {m.get('vn_bound', float('nan')):.3g})  "
+                          f"elapsed {_fmt_time(now - start)}  ETA {_fmt_time(per_step * (cfg.steps - m['step']))}",
+                          highlight=False, markup=False, soft_wrap=True)
+        reassert()
+
+    return on_step
 
 
 def _print_summary(cfg, result, tracking_uri) -> None:

@@ -127,14 +127,20 @@ def _print_summary(s, out) -> None:
         out.print(f"browse:    tuneguard ui --tracking-uri {s.tracking_uri}", highlight=False)
         return
     if s.best_objective is not None:
-        cfg = " ".join(f"{k}={v}" for k, v in (s.best_config or {}).items())
+        cfg = " ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in (s.best_config or {}).items())
         out.print(f"best objective [bold green]{s.best_objective:.4f}[/]  {cfg}  (MLflow run {s.best_run_id})", highlight=False)
+    if s.bound_never_held:
+        out.print("why: the VN bound never held in this job: the DP noise keeps the submitted VN ratio above the "
+                  "GAR's bound 1/kappa at every step (paper 001's finding), so the winner trained best without the "
+                  "GAR's robustness guarantee; `tuneguard report` shows by how much", highlight=False, markup=False)
     out.print(f"results: {s.results_dir}", highlight=False)
     if s.interrupted:
         out.print(f"continue:  tuneguard tune --resume {s.results_dir}", highlight=False)
     uri = mask_uri(s.tracking_uri)
     out.print(f"browse:    tuneguard ui --tracking-uri {uri}", highlight=False, markup=False)
     out.print(f"export:    tuneguard export --job {s.job_id} --tracking-uri {uri} -o best.yaml", highlight=False,
+              markup=False)
+    out.print(f"report:    tuneguard report --job {s.job_id} --tracking-uri {uri} -o report/", highlight=False,
               markup=False)
 
 

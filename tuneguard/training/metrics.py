@@ -26,14 +26,39 @@ def vn_ratio(vectors: torch.Tensor) -> float:
 
 def _vn_ratio(vectors: torch.Tensor, mean: torch.Tensor | None = None) -> float:
     """:func:`vn_ratio`, reusing the rows' ``mean`` where the caller has it (one pass fewer)."""
+    if vectors.shape[0] < 2:
+        return math.nan
+    mean = vectors.mean(0) if mean is None else mean
+    return _ratio(_spread(vectors, mean), float(mean.norm()))
+
+
+def _spread(vectors: torch.Tensor, mean: torch.Tensor) -> float:
+    """sqrt(sum_i ||G_i - mean||^2 / (k - 1)): the estimated sqrt(E||G - E G||^2); NaN for k < 2."""
     k = vectors.shape[0]
     if k < 2:
         return math.nan
-    mean = vectors.mean(0) if mean is None else mean
-    # sqrt(sum_i ||G_i - mean||^2) as one norm: no squared temporary, one pass fewer.
-    spread = torch.linalg.vector_norm(vectors - mean) / math.sqrt(k - 1)
-    norm = mean.norm()
-    return float(spread / norm) if norm > 0 else math.inf
+    # One norm over the whole difference: no squared temporary, one pass fewer.
+    return float(torch.linalg.vector_norm(vectors - mean)) / math.sqrt(k - 1)
+
+
+def _ratio(spread: float, norm: float) -> float:
+    if math.isnan(spread):
+        return math.nan
+    return spread / norm if norm > 0 else math.inf
+
+
+def noise_share(spread_sample: float, spread_submit: float) -> float:
+    """The share of the submitted vectors' variance that is not the batch gradients' own:
+
+        noise_share = 1 - Var(sample) / Var(submit),   Var = E||G - E G||^2,
+
+    with "sample" the clipped batch gradients before noise and momentum and "submit" what the
+    workers send (001 E.2 compares the two VN ratios). Near 1: the DP noise (and momentum)
+    dominates the spread the GAR sees, which is why the VN bound fails (001 section 4).
+    Clamped to [0, 1]; NaN when either variance is unknown or the submitted one is zero."""
+    if not (math.isfinite(spread_sample) and math.isfinite(spread_submit)) or spread_submit <= 0:
+        return math.nan
+    return min(1.0, max(0.0, 1.0 - (spread_sample / spread_submit) ** 2))
 
 
 def vn_bound(gar: str | Gar, n: int | None = None, f: int | None = None, params: dict | None = None) -> float | None:
@@ -79,10 +104,13 @@ def honest_metrics(sample: torch.Tensor, submit: torch.Tensor, loss: torch.Tenso
     """The part of :func:`step_metrics` that needs only the honest workers' outputs (the actor
     engine computes it while the Byzantine workers craft their vectors)."""
     honest_mean = submit.mean(0) if honest_mean is None else honest_mean
+    sample_mean = sample.mean(0)
+    spread_sample, spread_submit = _spread(sample, sample_mean), _spread(submit, honest_mean)
     return {
         "train_loss": float(loss.mean()),
-        "vn_sample": vn_ratio(sample),
-        "vn_submit": _vn_ratio(submit, honest_mean),
+        "vn_sample": _ratio(spread_sample, float(sample_mean.norm())),
+        "vn_submit": _ratio(spread_submit, float(honest_mean.norm())),
+        "noise_share": noise_share(spread_sample, spread_submit),
         "grad_norm": float(grad_norm.mean()),
         "clipped_frac": float(clipped_frac.mean()),
         "honest_mean_norm": float(honest_mean.norm()),
@@ -94,3 +122,28 @@ def gar_distance(R: torch.Tensor, honest_mean: torch.Tensor) -> float:
     # A non-finite R gives a non-finite norm: no separate isfinite pass over R.
     value = float((R - honest_mean).norm())
     return value if math.isfinite(value) else math.inf
+
+
+def bound_summary(history: list[dict], bound: float | None) -> dict[str, float]:
+    """Why a run did (not) keep 001's robustness condition, from its per-step metrics:
+
+        vn_bound_held_frac   = #{t : vn_submit_t < 1/kappa} / #{t with a finite vn_submit_t}
+        vn_submit_over_bound_median = median_t (vn_submit_t * kappa)      (> 1: no guarantee)
+        noise_share_mean     = mean_t noise_share_t                (see :func:`noise_share`)
+
+    001 (section 4, Figure 5) finds the submitted ratio above the bound at every practical batch
+    size under DP: held_frac = 0 then says the GAR's guarantee never applied in this run. Keys
+    with no data (no known bound, no VN values) are left out."""
+    from statistics import median
+
+    from tuneguard.results import schema
+
+    out: dict[str, float] = {}
+    vn = [float(h["vn_submit"]) for h in history if math.isfinite(h.get("vn_submit", math.nan))]
+    if bound is not None and bound > 0 and vn:
+        out[schema.VN_HELD_FRAC] = sum(v < bound for v in vn) / len(vn)
+        out[schema.VN_OVER_BOUND_MEDIAN] = median(v / bound for v in vn)
+    shares = [float(h[schema.NOISE_SHARE]) for h in history if math.isfinite(h.get(schema.NOISE_SHARE, math.nan))]
+    if shares:
+        out[schema.NOISE_SHARE_MEAN] = sum(shares) / len(shares)
+    return out

@@ -10,7 +10,8 @@ from typing import Any
 
 from tuneguard.aggregators import build_gar
 from tuneguard.config import ExperimentConfig
-from tuneguard.training.metrics import vn_bound
+from tuneguard.results import schema
+from tuneguard.training.metrics import bound_summary, vn_bound
 
 StepCallback = Callable[[dict[str, Any]], None]
 CheckpointFn = Callable[[dict[str, Any]], None]
@@ -30,9 +31,10 @@ class RunResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
     engine_info: dict[str, str] = field(default_factory=dict)  # engine facts for the MLflow run's tags
+    model: Any = None  # the trained torch model, with train(keep_model=True) on the local engine
 
     def summary(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("history", "engine_info")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("history", "engine_info", "model")}
 
 
 def make_engine(cfg: ExperimentConfig, worker_groups: Sequence[Sequence[int]] | None = None, data: Any = None):
@@ -58,6 +60,7 @@ def train(
     resume: dict[str, Any] | None = None,
     plots: bool = True,
     data: Any = None,
+    keep_model: bool = False,
 ) -> RunResult:
     """Run ``cfg`` to completion (or divergence) and return its numbers.
 
@@ -85,8 +88,9 @@ def train(
             from tuneguard.tracking import RunTracker
 
             tracker = RunTracker(
-                cfg.name, tracking_uri=tracking_uri, run_name=run_name, parent_run_id=parent_run_id,
-                tags={"tuneguard.kind": "train", "dataset": cfg.dataset, "attack": cfg.attack.name if cfg.f else "none",
+                cfg.name, tracking_uri=tracking_uri, run_name=run_name or schema.run_name(cfg),
+                parent_run_id=parent_run_id,
+                tags={schema.KIND: schema.KIND_TRAIN, "dataset": cfg.dataset, "attack": cfg.attack.name if cfg.f else "none",
                       "gar": cfg.gar.name, "engine": cfg.engine, **(tags or {})},
             )
             tracker.log_params(cfg.flat())
@@ -98,11 +102,11 @@ def train(
             result = RunResult("INFEASIBLE", str(err), 0, 0, math.nan, math.nan, math.nan, None,
                                tracker.run_id if tracker else None)
             if tracker:
-                tracker.set_tags({"tuneguard.status": "INFEASIBLE", "tuneguard.message": str(err)[:4000]})
+                tracker.set_tags({schema.STATUS: "INFEASIBLE", schema.MESSAGE: str(err)[:4000]})
                 tracker.end("FINISHED")
             return result
         try:
-            result = _loop(cfg, engine, tracker, callback, checkpoint_fn, checkpoint_every, resume)
+            result = _loop(cfg, engine, tracker, callback, checkpoint_fn, checkpoint_every, resume, keep_model)
             result.engine_info = engine_info(engine)
         except BaseException:
             if tracker:  # a lost actor's restarts are part of the failed run's record
@@ -126,7 +130,8 @@ def train(
 
 
 def _loop(cfg: ExperimentConfig, engine, tracker, callback: StepCallback | None,
-          checkpoint_fn: CheckpointFn | None, checkpoint_every: int, resume: dict[str, Any] | None) -> RunResult:
+          checkpoint_fn: CheckpointFn | None, checkpoint_every: int, resume: dict[str, Any] | None,
+          keep_model: bool = False) -> RunResult:
     ctx_plan = engine.plan
     steps = ctx_plan.steps
     bound = vn_bound(build_gar(cfg))
@@ -149,6 +154,8 @@ def _loop(cfg: ExperimentConfig, engine, tracker, callback: StepCallback | None,
         m["step"] = s
         if bound is not None:
             m["vn_bound"] = bound
+            if math.isfinite(m.get("vn_submit", math.nan)) and bound > 0:
+                m[schema.VN_OVER_BOUND] = m["vn_submit"] / bound  # > 1: the GAR's guarantee does not hold
         diverged = not math.isfinite(m.get("param_norm", 0.0))
         if s % cfg.eval_every == 0 or s == steps or diverged:
             if not diverged:
@@ -179,8 +186,13 @@ def _loop(cfg: ExperimentConfig, engine, tracker, callback: StepCallback | None,
             message = f"model parameters became non-finite at step {s} (lr={cfg.lr}, gar={cfg.gar.name}); run stopped"
             break
     done = history[-1]["step"] if history else 0
-    return RunResult(status, message, done, steps, max_acc if max_acc > -math.inf else math.nan, acc,
-                     ctx_plan.sigma, eps_spent, tracker.run_id if tracker else None, history)
+    result = RunResult(status, message, done, steps, max_acc if max_acc > -math.inf else math.nan, acc,
+                       ctx_plan.sigma, eps_spent, tracker.run_id if tracker else None, history)
+    ctx = getattr(engine, "ctx", None)  # the local engine holds the model in this process
+    if keep_model and ctx is not None and status == "FINISHED":
+        ctx.set_params(state.theta)
+        result.model = ctx.model
+    return result
 
 
 _EVAL_STEP_ONLY = frozenset({"vn_bound", "max_cross_accuracy"})
@@ -204,34 +216,73 @@ def engine_info(engine) -> dict[str, str]:
     info: dict[str, str] = {}
     log = getattr(engine, "restart_log", None)
     if log is not None:
-        info["tuneguard.actor_restarts"] = str(len(log))
+        info[schema.ACTOR_RESTARTS] = str(len(log))
         if log:
-            info["tuneguard.actor_restart_log"] = "\n".join(log)[:4000]
+            info[schema.ACTOR_RESTART_LOG] = "\n".join(log)[:4000]
     if getattr(engine, "reused", None) is not None and hasattr(engine, "pool"):
-        info["tuneguard.actors_warm"] = "1" if engine.reused else "0"
+        info[schema.ACTORS_WARM] = "1" if engine.reused else "0"
         if engine.pool is not None:
-            info["tuneguard.actor_nodes"] = str(len(set(engine.nodes())))
+            info[schema.ACTOR_NODES] = str(len(set(engine.nodes())))
         startup = getattr(engine, "startup_seconds", math.nan)
         if math.isfinite(startup):
-            info["tuneguard.actor_startup_s"] = f"{startup:.3f}"
+            info[schema.ACTOR_STARTUP_S] = f"{startup:.3f}"
     return info
 
 
-def _finish_tracking(tracker, cfg: ExperimentConfig, result: RunResult, plots: bool = True) -> None:
-    metrics = {"final_cross_accuracy": result.final_cross_accuracy, "best_cross_accuracy": result.max_cross_accuracy,
-               "run_seconds": result.seconds}
-    if "tuneguard.actor_restarts" in result.engine_info:
-        metrics["actor_restarts"] = float(result.engine_info["tuneguard.actor_restarts"])
+def _finish_tracking(tracker, cfg: ExperimentConfig, result: RunResult, plots: bool = True,
+                     vn_plot: bool = True) -> None:
+    metrics = {schema.FINAL_CROSS_ACCURACY: result.final_cross_accuracy,
+               schema.MAX_CROSS_ACCURACY: result.max_cross_accuracy, schema.RUN_SECONDS: result.seconds,
+               **bound_summary(result.history, result.history[0].get("vn_bound") if result.history else None)}
+    if schema.ACTOR_RESTARTS in result.engine_info:
+        metrics["actor_restarts"] = float(result.engine_info[schema.ACTOR_RESTARTS])
     tracker.log_metrics(metrics, step=result.steps)
-    tracker.set_tags({"tuneguard.status": result.status, "tuneguard.message": result.message[:4000],
+    tracker.set_tags({schema.STATUS: result.status, schema.MESSAGE: result.message[:4000],
                       "sigma": f"{result.sigma:.6g}", **result.engine_info})
     try:
         if plots:
             tracker.log_figure(curves_figure(cfg, result.history), "plots/curves.png")
+        if vn_plot and any("vn_submit" in h for h in result.history):
+            tracker.log_figure(vn_figure(cfg, result.history, metrics.get(schema.VN_HELD_FRAC)), VN_FIGURE)
     except Exception as err:  # a plot must never fail a finished run
-        tracker.set_tags({"tuneguard.plot_error": str(err)[:500]})
+        tracker.set_tags({schema.PLOT_ERROR: str(err)[:500]})
     # A diverged run is an outcome (its status tag says so), not a crash of tuneguard.
     tracker.end("FINISHED")
+
+
+VN_FIGURE = "plots/vn_vs_bound.png"
+
+
+def vn_figure(cfg: ExperimentConfig, history: list[dict[str, Any]], held: float | None = None):
+    """The run's "why" on one chart (MLflow cannot put two metrics on one chart by default): the
+    VN ratio sqrt(E||G - EG||^2) / ||EG|| of the honest vectors, sample (before noise) and
+    submit (what reaches the GAR), against the GAR's bound 1/kappa (001 Eq. 37, Figure 5). The
+    guarantee holds only while the submit line is under the bound. A bare matplotlib Figure at
+    low DPI (no pyplot state, ~0.1 s), so every tracked run can afford it."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 3.2), dpi=80)
+    ax = fig.subplots()
+    steps = [h["step"] for h in history]
+    for key, style, label in (("vn_sample", ":", "sample (clipped, before noise)"),
+                              ("vn_submit", "-", "submit (what reaches the GAR)")):
+        ax.plot(steps, [h.get(key, math.nan) for h in history], style, lw=1.3, label=label)
+    bound = history[0].get("vn_bound") if history else None
+    if bound:
+        ax.axhline(bound, color="k", ls="--", lw=1.1, label=f"bound 1/kappa = {bound:.3g}")
+    ax.set_yscale("log")
+    ax.set_xlabel("step", fontsize=8)
+    ax.set_ylabel("VN ratio", fontsize=8)
+    ax.tick_params(which="both", labelsize=7)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")
+    why = ("no known bound for this rule" if not bound else
+           "bound never held: no robustness guarantee (001)" if held == 0 else
+           f"bound held at {held:.0%} of steps" if held is not None else "")
+    attack = cfg.attack.name if cfg.f else "no attack"
+    ax.set_title(f"{cfg.gar.name} b={cfg.batch_size} lr={cfg.lr:.3g} {attack}: {why}", fontsize=8)
+    fig.subplots_adjust(left=0.13, right=0.97, bottom=0.15, top=0.89)
+    return fig
 
 
 def curves_figure(cfg: ExperimentConfig, history: list[dict[str, Any]]):

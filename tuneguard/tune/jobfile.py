@@ -19,6 +19,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tuneguard.results import schema
+
 JOB_FILE = "job.json"
 DIGEST_FILES = ("tune/tuner.pkl", "space.yaml")
 MAX_JOB_FILE = 1024 * 1024
@@ -120,13 +122,13 @@ def close_stale_runs(tracking_uri: str, experiment: str, job_id: str, status: st
         exp = cl.get_experiment_by_name(experiment)
         if exp is None:
             return 0
-        flt = f"tags.`tuneguard.job` = '{job_id}' and attributes.status = 'RUNNING'"
+        flt = schema.tag_filter(job=job_id) + " and attributes.status = 'RUNNING'"
         for run in cl.search_runs([exp.experiment_id], filter_string=flt, max_results=50_000):
             try:
-                tags = [RunTag("tuneguard.status", status)]
+                tags = [RunTag(schema.STATUS, status)]
                 if reason:
-                    tags.append(RunTag("tuneguard.message", reason[:4000]))
-                if run.data.tags.get("tuneguard.kind") != "tune_job":
+                    tags.append(RunTag(schema.MESSAGE, reason[:4000]))
+                if run.data.tags.get(schema.KIND) != schema.KIND_TUNE_JOB:
                     cl.log_batch(run.info.run_id, tags=tags)
                 cl.set_terminated(run.info.run_id, status=status)
                 closed += 1

@@ -34,8 +34,11 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+from tuneguard.results import schema
+from tuneguard.tune.trial_report import TrialReport
+
 CHECKPOINT_FILE = "trial.pt"
-RESULT_TAG = "tuneguard.trial_result"  # the trial's final Tune report, JSON, on each of its runs
+RESULT_TAG = schema.TRIAL_RESULT  # the trial's final Tune report, JSON, on each of its runs
 
 
 @dataclass(frozen=True)
@@ -131,11 +134,11 @@ def _finite(x: Any, default: float = 0.0) -> float:
 
 
 def aggregate(values: dict[str, float], specs) -> float:
-    """Mean over seeds of the minimum over attacks (each run's value by run key)."""
-    by_seed: dict[int, list[float]] = {}
-    for s in specs:
-        by_seed.setdefault(s.seed, []).append(_finite(values.get(s.key)))
-    return sum(min(v) for v in by_seed.values()) / len(by_seed)
+    """Mean over seeds of the minimum over attacks (each run's value by run key); the reduction
+    of every registered objective (:mod:`tuneguard.tune.objectives`)."""
+    from tuneguard.tune.objectives import mean_of_worst
+
+    return mean_of_worst(values, specs)
 
 
 def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
@@ -155,7 +158,7 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
     existing = _existing_runs(job, trial_id)
     # A trial Tune replays after a driver crash (it finished after the last experiment snapshot)
     # reports its stored result instead of training again.
-    stored = {r.data.tags.get("tuneguard.run_key", ""): json.loads(r.data.tags[RESULT_TAG])
+    stored = {r.data.tags.get(schema.RUN_KEY, ""): json.loads(r.data.tags[RESULT_TAG])
               for r in existing if RESULT_TAG in r.data.tags}
     try:
         specs = space.runs(point)
@@ -164,10 +167,9 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
             tune.report(next(iter(stored.values())))
             return
         kind = "EXCLUDED" if isinstance(err, Excluded) else "INVALID"
-        report = {"objective": 0.0, "excluded": 1, "infeasible": 0, "trial_done": 1, "step": 0,
-                  "reason": str(err)[:500], "run_ids": "", "best_run_id": ""}
-        report["run_ids"] = _record_outcome(job, trial_id, point, kind, str(err), report)
-        tune.report(report)
+        report = TrialReport(objective=0.0, excluded=1, trial_done=1, reason=str(err)[:500])
+        report.run_ids = _record_outcome(job, trial_id, point, kind, str(err), report.to_tune())
+        tune.report(report.to_tune())
         return
     if specs and all(s.key in stored for s in specs):
         tune.report(stored[specs[0].key])
@@ -182,7 +184,6 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
     # The runs of a trial go side by side (threads; on the actor engine through the same warm
     # actors, which hold one context per run), meeting at evaluation steps.
     lock = Lockstep([])
-    multi = len(specs) > 1
     run_ids: dict[str, str] = {k: v.get("run_id") or "" for k, v in done.items()}
     run_ids.update({k: v.get("run_id") or "" for k, v in resume.items()})
 
@@ -199,11 +200,11 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
             lock.checkpoint(spec.key, {**d, "history": list(d["history"])})
             run_ids[spec.key] = d.get("run_id") or run_ids.get(spec.key, "")
 
-        name = f"{trial_id}-{spec.key}" if multi else trial_id
-        tags = {"tuneguard.kind": "trial", "tuneguard.job": job.job_id, "tuneguard.trial": trial_id,
-                "tuneguard.attack": spec.attack, "tuneguard.seed": str(spec.seed),
-                "tuneguard.run_key": spec.key, "tuneguard.objective_name": space.tune.objective,
-                "tuneguard.point": _point_json(point), "tuneguard.node": _node_id()}
+        name = schema.run_name(spec.cfg, seed=len(space.seeds) > 1)
+        tags = {schema.KIND: schema.KIND_TRIAL, schema.JOB: job.job_id, schema.TRIAL: trial_id,
+                schema.ATTACK: spec.attack, schema.SEED: str(spec.seed),
+                schema.RUN_KEY: spec.key, schema.OBJECTIVE_NAME: space.tune.objective,
+                schema.POINT: _point_json(point), schema.NODE: _node_id()}
         try:
             data = None
             if job.data_refs:
@@ -290,15 +291,15 @@ def _intermediate(lock: Lockstep, specs, done: dict[str, dict[str, Any]]) -> dic
             eps[s.key] = m["eps_spent"]
         if m.get("vn_submit") is not None:
             vn[s.key] = m["vn_submit"]
+    from tuneguard.tune.objectives import eps_total
+
     worst = min(specs, key=lambda s: _finite(best.get(s.key)))
-    out = {"objective": aggregate(best, specs), "cross_accuracy": min(_finite(v) for v in acc.values()),
-           "step": step, "infeasible": 0, "excluded": 0, "trial_done": 0, "worst_attack": worst.attack,
-           "best_run_id": ""}
-    if eps:
-        out["eps_spent"] = max(_finite(v) for v in eps.values())
-    if worst.key in vn:
-        out["vn_submit"] = _finite(vn[worst.key], math.nan)
-    return out
+    out = TrialReport(
+        objective=aggregate(best, specs), cross_accuracy=min(_finite(v) for v in acc.values()), step=step,
+        worst_attack=worst.attack, eps_spent=max(_finite(v) for v in eps.values()) if eps else None,
+        eps_total=eps_total(eps),  # Tune checks every report carries each searched metric
+        vn_submit=_finite(vn[worst.key], math.nan) if worst.key in vn else None)
+    return out.to_tune()
 
 
 def _at_step(summary: dict[str, Any], step: int) -> tuple[float, float]:
@@ -366,22 +367,21 @@ def _finish(job: JobContext, space, specs, summaries: dict[str, dict[str, Any]],
     final = {s.key: summaries[s.key]["final_cross_accuracy"] for s in specs}
     first_seed = specs[0].seed
     rep = min((s for s in specs if s.seed == first_seed), key=lambda s: _finite(best[s.key]))
-    metrics: dict[str, Any] = {
-        "objective": 0.0 if infeasible else aggregate(best, specs),
-        "max_cross_accuracy": _finite(best[rep.key]),
-        "cross_accuracy": min(_finite(v) for v in final.values()),
-        "infeasible": 1 if infeasible else 0, "excluded": 0, "trial_done": 1,
-        "step": max(int(summaries[s.key]["steps"]) for s in specs),
-        "worst_attack": rep.attack,
-        "reason": summaries[infeasible[0].key]["message"][:500] if infeasible else "",
-        "run_ids": ",".join(summaries[s.key]["run_id"] or "" for s in specs),
-        "best_run_id": "" if infeasible else (summaries[rep.key]["run_id"] or ""),
-    }
+    from tuneguard.tune.objectives import EPS_TOTAL, eps_total
+
     eps = [summaries[s.key]["eps_spent"] for s in specs if summaries[s.key]["eps_spent"] is not None]
-    if eps:
-        metrics["eps_spent"] = max(eps)
-    diverged = [s.key for s in specs if summaries[s.key]["status"] == "DIVERGED"]
-    metrics["diverged"] = len(diverged)
+    report = TrialReport(
+        objective=0.0 if infeasible else aggregate(best, specs), max_cross_accuracy=_finite(best[rep.key]),
+        cross_accuracy=min(_finite(v) for v in final.values()), infeasible=1 if infeasible else 0, trial_done=1,
+        step=max(int(summaries[s.key]["steps"]) for s in specs), worst_attack=rep.attack,
+        reason=summaries[infeasible[0].key]["message"][:500] if infeasible else "",
+        run_ids=",".join(summaries[s.key]["run_id"] or "" for s in specs),
+        best_run_id="" if infeasible else (summaries[rep.key]["run_id"] or ""),
+        eps_spent=max(eps) if eps else None,
+        diverged=sum(summaries[s.key]["status"] == "DIVERGED" for s in specs),
+        # The privacy side of the trial (accuracy_vs_eps minimises it): inf without DP or when infeasible.
+        eps_total=math.inf if infeasible else eps_total({s.key: summaries[s.key]["eps_spent"] for s in specs}))
+    metrics = report.to_tune()
     cl = client(job.tracking_uri)
     from mlflow.entities import Metric, RunTag
 
@@ -390,15 +390,18 @@ def _finish(job: JobContext, space, specs, summaries: dict[str, dict[str, Any]],
         run_id = summaries[s.key]["run_id"]
         if not run_id:
             continue
-        tags = [RunTag("tuneguard.trial_objective", f"{metrics['objective']:.6g}"),
+        tags = [RunTag(schema.TRIAL_OBJECTIVE, f"{metrics['objective']:.6g}"),
                 RunTag(RESULT_TAG, json.dumps(metrics, default=str))]
         if infeasible:
-            tags.append(RunTag("tuneguard.infeasible", "1"))
+            tags.append(RunTag(schema.INFEASIBLE, "1"))
         if s.key == rep.key and not infeasible:
-            tags.append(RunTag("tuneguard.representative", "1"))
+            tags.append(RunTag(schema.REPRESENTATIVE, "1"))
         try:
-            cl.log_batch(run_id, metrics=[Metric("objective", float(metrics["objective"]), ts, int(summaries[s.key]["steps"]))],
-                         tags=tags)
+            step = int(summaries[s.key]["steps"])
+            logged = [Metric(schema.OBJECTIVE, float(metrics["objective"]), ts, step)]
+            if math.isfinite(metrics[EPS_TOTAL]):
+                logged.append(Metric(schema.EPS_TOTAL, float(metrics[EPS_TOTAL]), ts, step))
+            cl.log_batch(run_id, metrics=logged, tags=tags)
         except Exception:  # noqa: BLE001 - scoring must reach Tune even if MLflow hiccups
             pass
     tune.report(metrics)
@@ -413,7 +416,7 @@ def _existing_runs(job: JobContext, trial_id: str) -> list:
         exp = cl.get_experiment_by_name(job.experiment)
         if exp is None:
             return []
-        flt = f"tags.`tuneguard.job` = '{job.job_id}' and tags.`tuneguard.trial` = '{trial_id}'"
+        flt = schema.job_runs_filter(job.job_id, kind=None, trial=trial_id)
         return list(cl.search_runs([exp.experiment_id], filter_string=flt, max_results=1000))
     except Exception:  # noqa: BLE001 - bookkeeping must not fail the trial
         return []
@@ -423,7 +426,7 @@ def _drop_unfinished_attempts(job: JobContext, existing: list, keys: list[str], 
     """A retried or restored trial restarts these runs from scratch: delete (MLflow soft delete)
     the runs an earlier attempt left unfinished for them, so each trial keeps one run per attack."""
     stale = [r.info.run_id for r in existing
-             if r.data.tags.get("tuneguard.run_key") in keys and r.info.run_id not in keep]
+             if r.data.tags.get(schema.RUN_KEY) in keys and r.info.run_id not in keep]
     if not stale:
         return
     from tuneguard.tracking import client
@@ -443,9 +446,9 @@ def _record_outcome(job: JobContext, trial_id: str, point: dict[str, Any], statu
 
     try:
         tr = RunTracker(job.experiment, tracking_uri=job.tracking_uri, run_name=trial_id, parent_run_id=job.parent_run_id,
-                        tags={"tuneguard.kind": "trial", "tuneguard.job": job.job_id, "tuneguard.trial": trial_id,
-                              "tuneguard.status": status, "tuneguard.message": message[:4000],
-                              "tuneguard.excluded": "1", "tuneguard.point": _point_json(point)})
+                        tags={schema.KIND: schema.KIND_TRIAL, schema.JOB: job.job_id, schema.TRIAL: trial_id,
+                              schema.STATUS: status, schema.MESSAGE: message[:4000],
+                              schema.EXCLUDED: "1", schema.POINT: _point_json(point)})
         tr.log_params({k: v for k, v in point.items()})
         tr.log_metrics({"objective": 0.0}, step=0)
         tr.set_tags({RESULT_TAG: json.dumps({**report, "run_ids": tr.run_id})})

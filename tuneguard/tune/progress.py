@@ -10,7 +10,9 @@ console, whether to draw at all) comes from :func:`configure`, called by the dri
 The view (instead of Tune's verbose tables): status counts, the best objective so far with its
 config, the running trials with their step and objective, elapsed time and an ETA (mean trial
 time x trials left / trials at once). On a terminal it is a ``rich.live.Live`` panel; elsewhere
-(CI logs, pipes) one line per finished trial.
+(CI logs, pipes) plain lines, never wrapped: one per finished trial, and a status line (finished,
+running, best so far, elapsed, ETA) every ``TUNEGUARD_PROGRESS_EVERY`` seconds (default 30), so
+a log shows the job is alive at a steady rate.
 """
 
 from __future__ import annotations
@@ -22,7 +24,19 @@ from typing import Any
 
 from ray.tune import Callback
 
+from tuneguard.results import schema
+
 _DRIVER: dict[str, Any] = {}
+
+
+def plain_every_s() -> float:
+    """Seconds between plain status lines off a terminal (``TUNEGUARD_PROGRESS_EVERY``)."""
+    import os
+
+    try:
+        return max(0.0, float(os.environ.get("TUNEGUARD_PROGRESS_EVERY", "30")))
+    except ValueError:
+        return 30.0
 
 
 def configure(*, console=None, enabled: bool = True, concurrency: int | None = None) -> None:
@@ -81,14 +95,9 @@ def _fmt_time(seconds: float | None) -> str:
 
 def outcome(result: dict[str, Any] | None) -> str:
     """done | infeasible | excluded | stopped (ASHA) from a trial's last result."""
-    r = result or {}
-    if r.get("excluded"):
-        return "excluded"
-    if r.get("infeasible"):
-        return "infeasible"
-    if r.get("trial_done"):
-        return "done"
-    return "stopped"
+    from tuneguard.tune.trial_report import TrialReport
+
+    return TrialReport.of(result).outcome
 
 
 class ProgressView(Callback):
@@ -115,6 +124,7 @@ class ProgressView(Callback):
             "console": console, "enabled": _DRIVER.get("enabled", True), "conc": _DRIVER.get("concurrency") or 1,
             "space": _space(self.space_text, self.space_path), "start": time.time(), "started": {},
             "durations": [], "latest": {}, "best": None, "live": None, "last_draw": 0.0, "outcomes": {},
+            "last_line": time.time(),
         }
         rt = self._runtime
         if rt["enabled"] and console.is_terminal:
@@ -158,7 +168,7 @@ class ProgressView(Callback):
                     "stopped": f"{_stopped_by(rt['space'])} at objective {float(r.get('objective', 0.0)):.4f}"}[kind]
             n = len({t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")} | {trial.trial_id})
             rt["console"].print(f"[{n}/{self.total}] trial {trial.trial_id} {what}  ({_fmt_point(point)})",
-                                highlight=False, markup=False)
+                                highlight=False, markup=False, soft_wrap=True)
         self._draw(trials, force=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
@@ -174,6 +184,20 @@ class ProgressView(Callback):
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
         self._draw(trials)
+        rt = self.rt
+        if rt["enabled"] and rt["live"] is None and time.time() - rt["last_line"] >= plain_every_s():
+            rt["last_line"] = time.time()
+            rt["console"].print(self.status_line(trials), highlight=False, markup=False, soft_wrap=True)
+
+    def status_line(self, trials: list) -> str:
+        """The live view's head as one plain line (logs, pipes)."""
+        rt = self.rt
+        c = self.counts(trials)
+        finished = c["done"] + c["infeasible"] + c["excluded"] + c["stopped"] + c["error"]
+        best = rt["best"]
+        best_txt = f"best {best[0]:.4f} (trial {best[1]})" if best else "best: none yet"
+        return (f"[{finished}/{self.total}] {c['running']} running, {c['pending']} pending; {best_txt}; "
+                f"elapsed {_fmt_time(time.time() - rt['start'])}, ETA {_fmt_time(self.eta(trials))}")
 
     def on_experiment_end(self, trials: list, **info: Any) -> None:
         rt = self.rt
@@ -342,14 +366,14 @@ class JobTracker(Callback):
         cl = self.rt["client"]
         ts = int(time.time() * 1000)
         parent = cl.get_run(self.parent_run_id)
-        flt = f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and tags.`tuneguard.trial` = '{trial_id}'"
+        flt = f"tags.`mlflow.parentRunId` = '{self.parent_run_id}' and " + schema.tag_filter(trial=trial_id)
         for run in cl.search_runs([parent.info.experiment_id], filter_string=flt, max_results=1000):
             if run.info.status != "RUNNING":
                 continue
             run_id = run.info.run_id
             cl.log_batch(run_id, metrics=[Metric("objective", float(r.get("objective", 0.0)), ts, int(r.get("step", 0)))],
-                         tags=[RunTag("tuneguard.status", "STOPPED"),
-                               RunTag("tuneguard.message", f"{_stopped_by(self.rt['space'])} at step {r.get('step')}")])
+                         tags=[RunTag(schema.STATUS, "STOPPED"),
+                               RunTag(schema.MESSAGE, f"{_stopped_by(self.rt['space'])} at step {r.get('step')}")])
             cl.set_terminated(run_id, status="FINISHED")
 
 

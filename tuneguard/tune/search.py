@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from tuneguard.results import schema
 from tuneguard.tune.objective import JobContext
 from tuneguard.tune.space import Space, SpaceError, n_reports
 
@@ -115,6 +116,7 @@ class JobSummary:
     first_error: str | None = None  # the first failed trial's error (its last traceback line)
     first_error_trial: str | None = None
     stop_reason: str | None = None  # why the job stopped before its last trial, if it did
+    bound_never_held: bool | None = None  # no run kept vn_submit < 1/kappa (001's finding); None: unknown
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,13 +237,19 @@ def _search_alg(space: Space, results_dir: Path, study_name: str):
     startup = space.tune.n_startup_trials or max(2, min(10, n // 2))
     import warnings
 
+    spec = space.objective
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=space.tune.seed, multivariate=True, group=True,
-                                             n_startup_trials=startup)
+        if spec.multi:
+            # Multi-objective TPE (MOTPE): Optuna's multivariate/group TPE is single-objective only.
+            sampler = optuna.samplers.TPESampler(seed=space.tune.seed, n_startup_trials=startup)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=space.tune.seed, multivariate=True, group=True,
+                                                 n_startup_trials=startup)
     storage = optuna.storages.RDBStorage(f"sqlite:///{results_dir / OPTUNA_FILE}")
-    return ResumableOptunaSearch(DefineByRun(space.text, space.path), metric="objective", mode="max",
-                                 sampler=sampler, storage=storage, study_name=study_name)
+    # A list of metrics and modes makes Ray's OptunaSearch create a study with one direction each.
+    return ResumableOptunaSearch(DefineByRun(space.text, space.path), metric=spec.search_metric(),
+                                 mode=spec.search_mode(), sampler=sampler, storage=storage, study_name=study_name)
 
 
 try:  # a module-level class, so the searcher state pickles
@@ -293,16 +301,30 @@ class ResumableOptunaSearch(_OptunaSearch):  # type: ignore[misc,valid-type]
             pass
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
-        if self._known(trial_id):
-            super().on_trial_complete(trial_id, result=result, error=error)
+        """Link the Optuna trial to what users see elsewhere (optuna-dashboard shows user
+        attributes): the tuneguard (Ray Tune) trial id, its MLflow run ids and the run that
+        carries its score."""
+        if not self._known(trial_id):
+            return
+        ot_trial = self._ot_trials.get(trial_id)
+        if ot_trial is not None and trial_id not in getattr(self, "_completed_trials", set()):
+            try:
+                ot_trial.set_user_attr(TRIAL_ATTR, trial_id)
+                if result:
+                    ot_trial.set_user_attr("mlflow_run_ids", str(result.get("run_ids", "")))
+                    ot_trial.set_user_attr("mlflow_best_run_id", str(result.get("best_run_id", "")))
+            except Exception:  # noqa: BLE001 - a finished (replayed) trial takes no attributes
+                pass
+        super().on_trial_complete(trial_id, result, error)
 
 
 TRIAL_ATTR = "tuneguard_trial"  # Optuna user attribute: the Tune trial id
 
 
-def close_stale_study_trials(results_dir: Path, study_name: str, finished: dict[str, float] | None = None) -> int:
+def close_stale_study_trials(results_dir: Path, study_name: str,
+                             finished: dict[str, float | list[float]] | None = None) -> int:
     """Close the Optuna trials still RUNNING once a job has ended. One whose Tune trial finished
-    (``finished``: Tune trial id -> objective) gets that value: its result reached Tune but not
+    (``finished``: Tune trial id -> its value, or values for a multi-objective study) gets them: its result reached Tune but not
     the study (the driver died between the two). The others were asked by a driver that died
     before Tune recorded them, so never evaluated: FAIL. Returns how many were closed."""
     import optuna
@@ -384,10 +406,10 @@ def start_job(
     (rdir / SPACE_FILE).write_text(space.text)
     uri = absolute_uri(resolve_tracking_uri(tracking_uri))
     parent = RunTracker(space.name, tracking_uri=uri, run_name=f"tune-{job_id}",
-                        tags={"tuneguard.kind": "tune_job", "tuneguard.job": job_id,
-                              "tuneguard.space": Path(space.path).name if space.path else "space.yaml",
-                              "tuneguard.objective_name": space.tune.objective,
-                              "tuneguard.results_dir": str(rdir), "tuneguard.status": "RUNNING",
+                        tags={schema.KIND: schema.KIND_TUNE_JOB, schema.JOB: job_id,
+                              schema.SPACE: Path(space.path).name if space.path else "space.yaml",
+                              schema.OBJECTIVE_NAME: space.tune.objective,
+                              schema.RESULTS_DIR: str(rdir), schema.STATUS: "RUNNING",
                               "mlflow.note.content": _note(space, job_id, rdir)})
     try:
         parent.log_params(space.flat_params())
@@ -490,9 +512,9 @@ def _end_job_run(info: JobInfo, status: str, tag: str, message: str = "") -> Non
         from tuneguard.tracking import client
 
         cl = client(info.tracking_uri)
-        cl.set_tag(info.parent_run_id, "tuneguard.status", tag)
+        cl.set_tag(info.parent_run_id, schema.STATUS, tag)
         if message:
-            cl.set_tag(info.parent_run_id, "tuneguard.message", message[:4000])
+            cl.set_tag(info.parent_run_id, schema.MESSAGE, message[:4000])
         cl.set_terminated(info.parent_run_id, status=status)
     except Exception:  # noqa: BLE001 - the original error is what matters
         pass
@@ -588,7 +610,7 @@ def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, con
         from tuneguard.tune.progress import job_trial_ids
 
         if space.tune.mode == "optuna":
-            close_stale_study_trials(rdir, info.study_name, _finished_objectives(grid))
+            close_stale_study_trials(rdir, info.study_name, _finished_values(grid, space.objective.search_metric()))
         trial_ids = job_trial_ids()
         if trial_ids is not None:
             reconcile_runs(info, set(trial_ids))
@@ -602,28 +624,82 @@ def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, con
     status = "INTERRUPTED" if interrupted else "FAILED" if summary.failed else "FINISHED"
     cl = client(info.tracking_uri)
     try:
-        cl.set_tag(info.parent_run_id, "tuneguard.status", status)
+        cl.set_tag(info.parent_run_id, schema.STATUS, status)
         if summary.failed or summary.stop_reason:
-            cl.set_tag(info.parent_run_id, "tuneguard.message",
+            cl.set_tag(info.parent_run_id, schema.MESSAGE,
                        (summary.stop_reason or f"every trial failed; the first: {summary.first_error}")[:4000])
         from tuneguard.tracking import mask_uri
 
+        summary.bound_never_held = bound_verdict(cl, info)
+        if summary.bound_never_held is not None:
+            cl.set_tag(info.parent_run_id, schema.BOUND_NEVER_HELD, "1" if summary.bound_never_held else "0")
         cl.log_dict(info.parent_run_id, {**asdict(summary), "tracking_uri": mask_uri(summary.tracking_uri)},
                     "summary.json")
+        if space.tune.log_best_model and summary.best_run_id and not interrupted:
+            log_best_model(cl, info, summary.best_run_id)
         cl.set_terminated(info.parent_run_id, status={"INTERRUPTED": "KILLED"}.get(status, status))
     except Exception:  # noqa: BLE001 - the summary must still print
         pass
     return summary
 
 
-def _finished_objectives(grid) -> dict[str, float]:
-    """Tune trial id -> final objective, for the trials that reported their end."""
-    out: dict[str, float] = {}
+def _finished_values(grid, metric: str | list[str]) -> dict[str, float | list[float]]:
+    """Tune trial id -> the values its study trial takes (the searcher's ``metric``, a list for a
+    multi-objective space), for the trials that reported their end."""
+    names = metric if isinstance(metric, list) else [metric]
+    out: dict[str, float | list[float]] = {}
     for r in grid or ():
         m = r.metrics or {}
-        if m.get("trial_done") and m.get("trial_id") is not None and m.get("objective") is not None:
-            out[str(m["trial_id"])] = float(m["objective"])
+        if m.get("trial_done") and m.get("trial_id") is not None and all(m.get(k) is not None for k in names):
+            values = [float(m[k]) for k in names]
+            out[str(m["trial_id"])] = values if isinstance(metric, list) else values[0]
     return out
+
+
+def log_best_model(cl, info: JobInfo, run_id: str) -> None:
+    """Log the job's best model with ``mlflow.pytorch`` (artifact ``model`` of its best run; the
+    job run's tag ``tuneguard.best_model_run`` points at it). Trials keep no weights, so the best
+    run's exact config is retrained here on the local engine: same seed, same numbers (DESIGN,
+    "one step, one source of truth"), one run's cost at the end of a job. Never fails the job."""
+    try:
+        import mlflow
+        import mlflow.pytorch
+        import torch
+
+        from tuneguard.config import build_config
+        from tuneguard.results.export import run_config
+        from tuneguard.training import train
+
+        cfg = build_config({**run_config(cl, run_id), "engine": "local"})
+        res = train(cfg, track=False, keep_model=True, plots=False)
+        if res.model is None:
+            return
+        mlflow.set_tracking_uri(info.tracking_uri)
+        mlflow.start_run(run_id=run_id)
+        try:
+            # Explicit requirements: MLflow would otherwise load the model in a subprocess to infer
+            # them. "pickle", not MLflow 3's default pt2 (torch.export): ~1.7 s instead of ~7 s here,
+            # and load_model gives back the same nn.Module class.
+            mlflow.pytorch.log_model(res.model.cpu(), name="model", serialization_format="pickle",
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+        finally:  # the run keeps its own outcome (FINISHED), whatever happened to the logging
+            mlflow.end_run(status="FINISHED")
+        cl.set_tag(info.parent_run_id, schema.BEST_MODEL_RUN, run_id)
+    except Exception as err:  # noqa: BLE001 - the job's results stand without the model
+        cl.set_tag(info.parent_run_id, schema.BEST_MODEL_RUN, f"not logged: {type(err).__name__}: {err}"[:500])
+
+
+def bound_verdict(cl, info: JobInfo) -> bool | None:
+    """Whether the VN bound never held in any run of the job (001's finding under DP: the GAR's
+    robustness condition vn_submit < 1/kappa fails at every step); None when no run has a bound."""
+    exp = cl.get_experiment_by_name(info.experiment)
+    if exp is None:
+        return None
+    fracs = [r.data.metrics[schema.VN_HELD_FRAC]
+             for r in cl.search_runs([exp.experiment_id], filter_string=schema.job_runs_filter(info.job_id),
+                                     max_results=50_000)
+             if schema.VN_HELD_FRAC in r.data.metrics]
+    return None if not fracs else all(f == 0 for f in fracs)
 
 
 def reconcile_runs(info: JobInfo, trial_ids: set[str]) -> tuple[int, int]:
@@ -639,26 +715,28 @@ def reconcile_runs(info: JobInfo, trial_ids: set[str]) -> tuple[int, int]:
         exp = cl.get_experiment_by_name(info.experiment)
         if exp is None:
             return 0, 0
-        flt = f"tags.`tuneguard.job` = '{info.job_id}' and tags.`tuneguard.kind` = 'trial'"
+        flt = schema.job_runs_filter(info.job_id)
         for run in cl.search_runs([exp.experiment_id], filter_string=flt, max_results=50_000):
-            if run.data.tags.get("tuneguard.trial") in trial_ids:
+            if run.data.tags.get(schema.TRIAL) in trial_ids:
                 continue
             from tuneguard.tune.objective import RESULT_TAG
 
             if RESULT_TAG in run.data.tags:
-                cl.set_tag(run.info.run_id, "tuneguard.orphan", "1")
+                cl.set_tag(run.info.run_id, schema.ORPHAN, "1")
                 kept += 1
             else:
                 cl.delete_run(run.info.run_id)
                 deleted += 1
         if deleted or kept:
-            cl.set_tag(info.parent_run_id, "tuneguard.orphan_runs", f"deleted {deleted} unfinished, kept {kept} finished")
+            cl.set_tag(info.parent_run_id, schema.ORPHAN_RUNS, f"deleted {deleted} unfinished, kept {kept} finished")
     except Exception:  # noqa: BLE001 - bookkeeping must not fail the job
         pass
     return deleted, kept
 
 
 def _summarise(space: Space, info: JobInfo, grid, seconds: float, interrupted: bool) -> JobSummary:
+    from tuneguard.tune.trial_report import TrialReport
+
     completed = errored = infeasible = excluded = stopped = 0
     first_error: str | None = None
     best: tuple[float, dict, str] | None = None
@@ -674,16 +752,15 @@ def _summarise(space: Space, info: JobInfo, grid, seconds: float, interrupted: b
 
                     first_error = headline(str(r.error))
                 continue
-            if m.get("trial_done"):
+            rep = TrialReport.of(m)
+            if rep.trial_done:
                 completed += 1
             elif m:
                 stopped += 1
-            infeasible += int(m.get("infeasible", 0) or 0)
-            excluded += int(m.get("excluded", 0) or 0)
-            if m.get("trial_done") and not m.get("infeasible") and not m.get("excluded"):
-                obj = float(m.get("objective", 0.0))
-                if best is None or obj > best[0]:
-                    best = (obj, space.decode((r.config or {}).get("point", r.config or {})), str(m.get("best_run_id", "")))
+            infeasible += int(rep.infeasible or 0)
+            excluded += int(rep.excluded or 0)
+            if rep.scored and (best is None or rep.objective > best[0]):
+                best = (rep.objective, space.decode((r.config or {}).get("point", r.config or {})), rep.best_run_id)
     return JobSummary(info.job_id, info.results_dir, info.tracking_uri, info.experiment, info.parent_run_id, trials,
                       completed, errored, infeasible, excluded, best[0] if best else None, best[1] if best else None,
                       best[2] if best else None, seconds, interrupted, stopped, space.tune.scheduler,

@@ -64,7 +64,6 @@ from tuneguard.safeyaml import YamlError, short
 
 KINDS = ("const", "choice", "uniform", "loguniform", "int", "logint")
 RANGE_KINDS = ("uniform", "loguniform", "int", "logint")
-OBJECTIVES = ("max_cross_accuracy", "worst_case")
 SECTIONS = ("description", "base", "scenario", "search", "tune")
 RULE_KEYS = ("gar", "attack")  # a mapping value at these keys replaces the whole rule
 MAX_COMBINATIONS = 200_000
@@ -107,7 +106,8 @@ class TuneSettings(_Strict):
     asha: AshaSettings = Field(default_factory=AshaSettings)
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of Optuna's TPE sampler")
     seeds: list[int] | None = Field(None, description="training seeds each config runs with; the objective averages them")
-    objective: Literal["max_cross_accuracy", "worst_case"] = "max_cross_accuracy"
+    objective: str = Field("max_cross_accuracy", description="an entry of tuneguard.tune.objectives.OBJECTIVES: "
+                           "max_cross_accuracy | worst_case | accuracy_vs_eps (Pareto front, multi-objective)")
     engine: Literal["local", "actors"] | None = Field(
         None, description="overrides base.engine; when neither is set, tune jobs use the local engine")
     cpus_per_trial: float = Field(1.0, gt=0, le=4096, description="CPUs a trial reserves in all (actors: shared by "
@@ -117,9 +117,21 @@ class TuneSettings(_Strict):
         3, ge=0, le=100_000, description="stop the job once this many trials failed with the same error (0: never)")
     ship_data: bool = Field(False, description="load the data once where the job starts and ship the arrays to the "
                             "trials through Ray's object store (clusters without a shared filesystem)")
+    log_best_model: bool = Field(True, description="at the end, retrain the best run (same seed, same numbers) and "
+                                 "log its model with mlflow.pytorch (artifact model of that run)")
     run_plots: bool = Field(False, description="log each run's curves figure (plots/curves.png): ~1 s of matplotlib per run")
     checkpoint_every: int | None = Field(None, ge=1, le=MAX_STEPS, description="steps between trial checkpoints; default ~4 per run")
     n_startup_trials: int | None = Field(None, ge=1, le=100_000, description="random trials before TPE; default max(2, min(10, num_samples // 2))")
+
+    @field_validator("objective")
+    @classmethod
+    def _objective(cls, v: str) -> str:
+        from tuneguard.tune.objectives import OBJECTIVES
+
+        if v not in OBJECTIVES:
+            raise ValueError(f"tune.objective {v!r} is not an objective; allowed: {', '.join(OBJECTIVES)} "
+                             "(tuneguard/tune/objectives.py)")
+        return v
 
     @field_validator("seeds")
     @classmethod
@@ -704,11 +716,15 @@ class Space:
     def _check_objective(self) -> None:
         names = {p.path for grid in self.grids for p in grid}
         attacks = self.scenario.attacks
-        if self.tune.objective == "worst_case":
+        spec = self.objective
+        if spec.multi and self.tune.mode == "optuna" and self.tune.scheduler == "asha":
+            raise SpaceError(f"tune.objective {spec.name} is multi-objective; ASHA stops trials on one metric, so "
+                             "use tune.scheduler: none")
+        if spec.every_attack and (attacks or self.tune.objective == "worst_case"):
             if not attacks:
                 raise SpaceError("tune.objective: worst_case needs the attack set in scenario.attacks (two or more attacks)")
             if "attack.name" in names or any(n.startswith("attack.") for n in names):
-                raise SpaceError("search: worst_case trains every config against each attack in scenario.attacks; "
+                raise SpaceError(f"search: {spec.name} trains every config against each attack in scenario.attacks; "
                                  "do not search over attack as well")
         elif attacks and len(attacks) > 1:
             raise SpaceError(
@@ -751,9 +767,16 @@ class Space:
         return list(self.tune.seeds) if self.tune.seeds else [None]
 
     @property
+    def objective(self):
+        """The :class:`~tuneguard.tune.objectives.ObjectiveSpec` of ``tune.objective``."""
+        from tuneguard.tune.objectives import get
+
+        return get(self.tune.objective)
+
+    @property
     def attack_set(self) -> list[Any]:
-        if self.tune.objective == "worst_case":
-            return list(self.scenario.attacks or [])
+        if self.objective.every_attack and self.scenario.attacks:
+            return list(self.scenario.attacks)
         return [None]
 
     def total_trials(self) -> int:

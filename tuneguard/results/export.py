@@ -33,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from tuneguard.results import schema
+
 
 class ExportError(ValueError):
     """Nothing to export, or the store does not hold what was asked for."""
@@ -46,10 +48,8 @@ class Exported:
     run_id: str
     trial_id: str
     config: dict[str, Any]
+    eps_total: float | None = None  # the trial's total epsilon (metric eps_total), when logged
 
-
-def _q(value: str) -> str:
-    return value.replace("'", "\\'")
 
 
 def find_job(client, job: str | None = None, experiment: str | None = None):
@@ -64,9 +64,7 @@ def find_job(client, job: str | None = None, experiment: str | None = None):
         exp_ids = [e.experiment_id for e in client.search_experiments()]
     if not exp_ids:
         raise ExportError("the MLflow store holds no experiments; run `tuneguard tune SPACE.yaml` first")
-    flt = "tags.`tuneguard.kind` = 'tune_job'"
-    if job:
-        flt += f" and tags.`tuneguard.job` = '{_q(job)}'"
+    flt = schema.tag_filter(kind=schema.KIND_TUNE_JOB, job=job or None)
     runs = client.search_runs(exp_ids, filter_string=flt, order_by=["attributes.start_time DESC"], max_results=1)
     if not runs:
         what = f"tune job {job!r}" if job else "tune job"
@@ -75,19 +73,21 @@ def find_job(client, job: str | None = None, experiment: str | None = None):
     return runs[0]
 
 
-def best_runs(client, parent, top: int) -> list:
-    """The representative runs of the job's feasible, completed trials, best objective first."""
-    job = parent.data.tags["tuneguard.job"]
-    flt = (f"tags.`tuneguard.job` = '{_q(job)}' and tags.`tuneguard.kind` = 'trial' "
-           "and tags.`tuneguard.representative` = '1'")
+def best_runs(client, parent, top: int, eps: float | None = None) -> list:
+    """The representative runs of the job's feasible, completed trials, best objective first;
+    with ``eps``, only trials whose total epsilon (metric eps_total) is within that budget."""
+    job = parent.data.tags[schema.JOB]
+    flt = schema.tag_filter(job=job, kind=schema.KIND_TRIAL, representative="1")
+    if eps is not None:
+        flt += f" and metrics.{schema.EPS_TOTAL} <= {float(eps)!r}"
     runs = client.search_runs([parent.info.experiment_id], filter_string=flt,
                               order_by=["metrics.objective DESC", "attributes.start_time ASC"], max_results=max(top, 1))
     return [r for r in runs if "objective" in r.data.metrics]
 
 
 def trial_runs(client, parent, trial_id: str) -> list:
-    job = parent.data.tags["tuneguard.job"]
-    flt = f"tags.`tuneguard.job` = '{_q(job)}' and tags.`tuneguard.trial` = '{_q(trial_id)}'"
+    job = parent.data.tags[schema.JOB]
+    flt = schema.job_runs_filter(job, kind=None, trial=trial_id)
     return client.search_runs([parent.info.experiment_id], filter_string=flt, max_results=1000)
 
 
@@ -127,8 +127,10 @@ def output_paths(out: Path, k: int) -> list[Path]:
 
 
 def export(out: str | Path, *, tracking_uri: str | None = None, job: str | None = None,
-           experiment: str | None = None, top: int = 1) -> list[Exported]:
-    """Write the ``top`` best configs of a job; returns what was written."""
+           experiment: str | None = None, top: int = 1, eps: float | None = None) -> list[Exported]:
+    """Write the ``top`` best configs of a job; returns what was written. With ``eps``: the most
+    accurate trials whose total epsilon spent is at most ``eps`` (a point of the job's
+    accuracy-privacy front, see the ``accuracy_vs_eps`` objective)."""
     from tuneguard.tracking import client as make_client
     from tuneguard.tracking import mask_uri, resolve_tracking_uri
 
@@ -139,15 +141,23 @@ def export(out: str | Path, *, tracking_uri: str | None = None, job: str | None 
     uri = resolve_tracking_uri(tracking_uri)
     cl = make_client(uri)
     parent = find_job(cl, job, experiment)
-    job_id = parent.data.tags["tuneguard.job"]
-    runs = best_runs(cl, parent, top)
+    job_id = parent.data.tags[schema.JOB]
+    if eps is not None and not (eps > 0):
+        raise ExportError(f"--eps must be a positive privacy budget; got {eps}")
+    runs = best_runs(cl, parent, top, eps)
+    if not runs and eps is not None:
+        spent = sorted(r.data.metrics[schema.EPS_TOTAL] for r in best_runs(cl, parent, 10_000)
+                       if schema.EPS_TOTAL in r.data.metrics)
+        hint = (f"the smallest total epsilon any trial spent is {spent[0]:.4g}; raise --eps to at least that"
+                if spent else "its trials recorded no eps_total (a job without DP, or from before tuneguard logged it)")
+        raise ExportError(f"tune job {job_id} has no trial within the budget eps <= {eps:g}: {hint}")
     if not runs:
         raise ExportError(f"tune job {job_id} has no completed, feasible trial yet (nothing to export)")
     paths = output_paths(Path(out), len(runs))
     written = []
     for rank, (run, path) in enumerate(zip(runs, paths, strict=True), start=1):
         tags, metrics = run.data.tags, run.data.metrics
-        trial_id = tags.get("tuneguard.trial", "")
+        trial_id = tags.get(schema.TRIAL, "")
         cfg = run_config(cl, run.info.run_id)
         siblings = trial_runs(cl, parent, trial_id) if trial_id else [run]
         meta = {
@@ -156,17 +166,19 @@ def export(out: str | Path, *, tracking_uri: str | None = None, job: str | None 
             "experiment": cl.get_experiment(parent.info.experiment_id).name,
             "tracking_uri": mask_uri(uri),  # never credentials in a file
             "rank": rank,
-            "objective": tags.get("tuneguard.objective_name", "max_cross_accuracy"),
+            "objective": tags.get(schema.OBJECTIVE_NAME, "max_cross_accuracy"),
             "score": float(metrics["objective"]),
-            "max_cross_accuracy": metrics.get("best_cross_accuracy"),
+            "max_cross_accuracy": schema.best_accuracy(metrics),
             "final_cross_accuracy": metrics.get("final_cross_accuracy"),
+            "eps_total": metrics.get(schema.EPS_TOTAL),
+            "eps_budget": eps,
             "run_id": run.info.run_id,
             "trial_id": trial_id,
-            "attack": tags.get("tuneguard.attack"),
+            "attack": tags.get(schema.ATTACK),
             "seed": cfg.get("seed"),
-            "runs": sorted(({"run_id": r.info.run_id, "attack": r.data.tags.get("tuneguard.attack"),
-                             "seed": int(r.data.tags.get("tuneguard.seed", cfg.get("seed", 0))),
-                             "max_cross_accuracy": r.data.metrics.get("best_cross_accuracy")}
+            "runs": sorted(({"run_id": r.info.run_id, "attack": r.data.tags.get(schema.ATTACK),
+                             "seed": int(r.data.tags.get(schema.SEED, cfg.get("seed", 0))),
+                             "max_cross_accuracy": schema.best_accuracy(r.data.metrics)}
                             for r in siblings), key=lambda x: (x["seed"], str(x["attack"]))),
             "reproduce": f"tuneguard train {path.name}",
         }
@@ -179,5 +191,22 @@ def export(out: str | Path, *, tracking_uri: str | None = None, job: str | None 
             path.write_text(header + yaml.safe_dump({"tuneguard_export": meta, "config": cfg}, sort_keys=False))
         except OSError as err:
             raise ExportError(f"cannot write {path}: {err.strerror or err}") from None
-        written.append(Exported(path, rank, meta["score"], run.info.run_id, trial_id, cfg))
+        written.append(Exported(path, rank, meta["score"], run.info.run_id, trial_id, cfg, meta["eps_total"]))
     return written
+
+
+def provenance_tags(path: Path) -> dict[str, str]:
+    """Tags linking a retrained run to what it reproduces, from a ``tuneguard export`` file's
+    ``tuneguard_export`` block (job, trial, run); nothing for a plain config."""
+    from tuneguard.safeyaml import load_file
+
+    try:
+        raw = load_file(path)
+    except Exception:  # noqa: BLE001 - load_config has already said what is wrong with the file
+        return {}
+    meta = raw.get("tuneguard_export") if isinstance(raw, dict) else None
+    if not isinstance(meta, dict):
+        return {}
+    tags = {schema.REPRODUCES_JOB: meta.get("job"), schema.REPRODUCES_TRIAL: meta.get("trial_id"),
+            schema.REPRODUCES_RUN: meta.get("run_id")}
+    return {k: str(v) for k, v in tags.items() if v}

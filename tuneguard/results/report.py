@@ -16,8 +16,8 @@ store holds the data for them:
 
 A figure without data is left out and the page says why. Where the data come from: each run's
 params are its flattened config (strings in MLflow: ``gar.name``, ``batch_size``, ``privacy.eps``
-...); its score is the metric ``best_cross_accuracy`` (else the latest ``max_cross_accuracy``,
-the running maximum); the Optuna study is ``<tuneguard.results_dir tag>/optuna.db`` with the
+...); its score is the metric ``max_cross_accuracy`` (the running maximum; older stores hold
+``best_cross_accuracy``); the Optuna study is ``<tuneguard.results_dir tag>/optuna.db`` with the
 study name of ``job.json`` (the job id). When the job has a parent run, the report's files are
 also logged to it as artifacts under ``report/``.
 """
@@ -36,12 +36,14 @@ from pathlib import Path
 from statistics import mean
 from typing import Any
 
+from tuneguard.results import schema
+
 DPI = 100
 MAX_PANELS = 12
 MAX_VN_RUNS = 6
 MAX_TOP = 10
 FIGURE_FILES = ("accuracy_vs_batch.png", "vn_ratio.png", "search_progress.png", "param_importance.png",
-                "perturbation.png")
+                "perturbation.png", "pareto_front.png")
 PERTURBATION_GARS = ("sign_majority", "median")
 NOT_TRAINED = {"EXCLUDED", "INVALID", "INFEASIBLE"}
 
@@ -75,14 +77,14 @@ class RunRow:
 
     @property
     def outcome(self) -> str:
-        return self.tags.get("tuneguard.status", self.status)
+        return self.tags.get(schema.STATUS, self.status)
 
     @property
     def score(self) -> float | None:
         """Max cross-accuracy of the run (None when it never evaluated or did not train)."""
-        if self.outcome in NOT_TRAINED or self.tags.get("tuneguard.excluded") == "1":
+        if self.outcome in NOT_TRAINED or self.tags.get(schema.EXCLUDED) == "1":
             return None
-        for key in ("best_cross_accuracy", "max_cross_accuracy"):
+        for key in (schema.MAX_CROSS_ACCURACY, schema.LEGACY_BEST_CROSS_ACCURACY):
             v = self.metrics.get(key)
             if v is not None and math.isfinite(v):
                 return float(v)
@@ -94,7 +96,7 @@ class RunRow:
 
     @property
     def seed(self) -> str:
-        return self.params.get("seed") or self.tags.get("tuneguard.seed") or "?"
+        return self.params.get("seed") or self.tags.get(schema.SEED) or "?"
 
     @property
     def attack_label(self) -> str:
@@ -144,6 +146,7 @@ class Section:
     title: str
     figures: list[Figure] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    html: list[str] = field(default_factory=list)  # already escaped: statements and tables
 
 
 @dataclass
@@ -200,9 +203,6 @@ def _fmt(v: float | None) -> str:
     return f"{v:g}"
 
 
-def _q(value: str) -> str:
-    return value.replace("'", "\\'")
-
 
 def _search_all(cl, exp_ids: list[str], flt: str = "") -> list:
     out, token = [], None
@@ -217,7 +217,7 @@ def _search_all(cl, exp_ids: list[str], flt: str = "") -> list:
 def load_source(cl, uri: str, job: str | None = None, experiment: str | None = None) -> Source:
     """The job's parent run and its trial runs; with only ``experiment`` and no tune job in it,
     the experiment's train/trial runs."""
-    from tuneguard.tune.export import ExportError, find_job
+    from tuneguard.results.export import ExportError, find_job
 
     try:
         parent = RunRow.of(find_job(cl, job, experiment))
@@ -228,8 +228,8 @@ def load_source(cl, uri: str, job: str | None = None, experiment: str | None = N
         parent = None
     if parent is not None:
         exp_id = cl.get_run(parent.run_id).info.experiment_id
-        job_id = parent.tags["tuneguard.job"]
-        flt = f"tags.`tuneguard.job` = '{_q(job_id)}' and tags.`tuneguard.kind` = 'trial'"
+        job_id = parent.tags[schema.JOB]
+        flt = schema.job_runs_filter(job_id)
         runs = [RunRow.of(r) for r in _search_all(cl, [exp_id], flt)]
         name = cl.get_experiment(exp_id).name
     else:
@@ -237,7 +237,7 @@ def load_source(cl, uri: str, job: str | None = None, experiment: str | None = N
         exp = cl.get_experiment_by_name(experiment)
         exp_id, job_id, name = exp.experiment_id, None, experiment
         runs = [RunRow.of(r) for r in _search_all(cl, [exp_id])
-                if r.data.tags.get("tuneguard.kind") in ("train", "trial")]
+                if r.data.tags.get(schema.KIND) in ("train", "trial")]
         if not runs:
             raise ReportError(f"experiment {experiment!r} holds no tuneguard runs (no tune job, no train/trial runs)")
     runs.sort(key=lambda r: r.start_time)
@@ -245,13 +245,13 @@ def load_source(cl, uri: str, job: str | None = None, experiment: str | None = N
 
 
 def _trial_key(r: RunRow) -> str:
-    return r.tags.get("tuneguard.trial") or r.run_id
+    return r.tags.get(schema.TRIAL) or r.run_id
 
 
 def representatives(runs: list[RunRow]) -> list[RunRow]:
     """One run per trial: the one tagged representative (it carries the trial's objective); for
     runs outside a tune job, each run with its score as objective. Best first."""
-    tagged = [r for r in runs if r.tags.get("tuneguard.representative") == "1" and "objective" in r.metrics]
+    tagged = [r for r in runs if r.tags.get(schema.REPRESENTATIVE) == "1" and "objective" in r.metrics]
     if tagged:
         return sorted(tagged, key=lambda r: (-r.metrics["objective"], r.start_time))
     scored = [r for r in runs if r.score is not None]
@@ -315,9 +315,15 @@ def _value_axis(ax, xs: list[float], log: bool | None = None) -> None:
 
     if not xs:
         return
-    if log or (log is None and max(xs) / max(min(xs), 1e-12) >= 4):
+    logx = bool(log or (log is None and max(xs) / max(min(xs), 1e-12) >= 4))
+    if logx:
         ax.set_xscale("log")
-    ticks = sorted(set(xs))
+    pos = (lambda v: math.log(max(v, 1e-12))) if logx else (lambda v: v)  # noqa: E731
+    span = (pos(max(xs)) - pos(min(xs))) or 1.0
+    ticks: list[float] = []
+    for x in sorted(set(xs)):  # labels closer than ~6% of the axis overlap ("38" "41" read "3841")
+        if not ticks or (pos(x) - pos(ticks[-1])) / span >= 0.06:
+            ticks.append(x)
     if len(ticks) <= 8:
         ax.xaxis.set_major_locator(FixedLocator(ticks))
         ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
@@ -341,7 +347,7 @@ def accuracy_vs_batch(runs: list[RunRow], out: Path, colors: dict[str, Any]) -> 
     sec = Section("accuracy", "Max cross-accuracy vs batch size")
     pts = [r for r in runs if r.score is not None and r.num("batch_size") is not None and r.gar]
     if not pts:
-        sec.notes.append("No run has both a cross-accuracy (metric best_cross_accuracy or max_cross_accuracy) and a "
+        sec.notes.append("No run has both a cross-accuracy (metric max_cross_accuracy) and a "
                          "batch_size param yet, so there is nothing to plot.")
         return sec
     datasets = {r.params.get("dataset") for r in pts}
@@ -399,61 +405,174 @@ def _history(cl, run_id: str, key: str) -> list[tuple[int, float]]:
 
 
 def vn_ratio(cl, runs: list[RunRow], out: Path, colors: dict[str, Any]) -> Section:
-    sec = Section("vn", "VN ratio against the GAR's bound")
-    best: dict[str, RunRow] = {}
+    """One panel per attack (001 Figure 5 compares GARs under one attack): in each, every GAR's
+    best run under that attack, its submitted VN ratio (solid), its sample ratio (dotted) and its
+    bound 1/kappa (dashed, same colour). Panels never mix attacks."""
+    sec = Section("vn", "VN ratio against the GAR's bound, per attack")
+    best: dict[str, dict[str, RunRow]] = defaultdict(dict)
     for r in runs:
-        if r.gar and r.score is not None and ("vn_submit" in r.metrics or "vn_sample" in r.metrics):
-            if r.gar not in best or r.score > (best[r.gar].score or 0.0):
-                best[r.gar] = r
+        if r.gar and r.score is not None and (schema.VN_SUBMIT in r.metrics or schema.VN_SAMPLE in r.metrics):
+            cur = best[r.attack_label].get(r.gar)
+            if cur is None or r.score > (cur.score or 0.0):
+                best[r.attack_label][r.gar] = r
     if not best:
         sec.notes.append("No trained run logged the VN ratio (metrics vn_sample / vn_submit), so there is nothing to "
                          "plot.")
         return sec
     from matplotlib.ticker import MaxNLocator
 
-    chosen = sorted(best.values(), key=lambda r: -(r.score or 0.0))
-    if len(chosen) > MAX_VN_RUNS:
-        sec.notes.append(f"{len(chosen)} GARs; the {MAX_VN_RUNS} with the best runs are shown.")
-        chosen = chosen[:MAX_VN_RUNS]
-    data = []
-    for r in chosen:
-        h = {k: [(s, v) for s, v in _history(cl, r.run_id, k) if v > 0] for k in ("vn_sample", "vn_submit")}
-        bound = r.metrics.get("vn_bound")
-        if h["vn_sample"] or h["vn_submit"]:
-            data.append((r, h, bound))
-    if not data:
+    attacks = sorted(best)
+    if len(attacks) > MAX_PANELS:
+        sec.notes.append(f"{len(attacks)} attacks; the first {MAX_PANELS} are shown.")
+        attacks = attacks[:MAX_PANELS]
+    panels = []
+    for attack in attacks:
+        chosen = sorted(best[attack].values(), key=lambda r: -(r.score or 0.0))[:MAX_VN_RUNS]
+        lines = []
+        for r in chosen:
+            h = {k: [(st, v) for st, v in _history(cl, r.run_id, k) if v > 0] for k in (schema.VN_SAMPLE, schema.VN_SUBMIT)}
+            if h[schema.VN_SAMPLE] or h[schema.VN_SUBMIT]:
+                lines.append((r, h, r.metrics.get(schema.VN_BOUND)))
+        if lines:
+            panels.append((attack, sorted(lines, key=lambda x: x[0].gar or "")))
+    if not panels:
         sec.notes.append("The runs' VN-ratio histories hold no positive finite values, so there is nothing to plot.")
         return sec
-    data.sort(key=lambda x: x[0].gar or "")
-    ncols = min(3, len(data))
-    fig = _new_figure(4.2 * ncols, 3.2 * math.ceil(len(data) / ncols) + 0.3)
+    ncols = min(3, len(panels))
+    fig = _new_figure(4.6 * ncols, 3.4 * math.ceil(len(panels) / ncols) + 0.3)
     described = []
-    for ax, (r, h, bound) in zip(_grid(fig, len(data)), data, strict=True):
-        for key, style, label in (("vn_sample", ":", "sample (clipped, before noise)"),
-                                  ("vn_submit", "-", "submit (what reaches the GAR)")):
-            if h[key]:
-                ax.plot([s for s, _ in h[key]], [v for _, v in h[key]], style, lw=1.4, color=colors[r.gar], label=label)
-        if bound is not None and bound > 0:
-            ax.axhline(bound, color="k", ls="--", lw=1.2, label=f"bound 1/kappa = {bound:.3g}")
-        else:
-            ax.text(0.02, 0.03, "no known VN bound for this rule", transform=ax.transAxes, fontsize=7, color="0.35")
-        _plain_log_y(ax, [v for k in h for _, v in h[k]] + ([bound] if bound and bound > 0 else []))
+    for ax, (attack, lines) in zip(_grid(fig, len(panels), ncols), panels, strict=True):
+        values: list[float] = []
+        for r, h, bound in lines:
+            c = colors[r.gar]
+            if h[schema.VN_SAMPLE]:
+                ax.plot(*zip(*h[schema.VN_SAMPLE], strict=True), ":", lw=1.1, color=c, alpha=0.8)
+            if h[schema.VN_SUBMIT]:
+                ax.plot(*zip(*h[schema.VN_SUBMIT], strict=True), "-", lw=1.5, color=c,
+                        label=f"{r.gar} b={_fmt(r.num('batch_size'))}")
+            if bound is not None and bound > 0:
+                ax.axhline(bound, color=c, ls="--", lw=1.1)
+                values.append(bound)
+            values += [v for k in h for _, v in h[k]]
+            described.append(f"{attack}, {r.gar}: run {r.run_id} (max cross-accuracy {r.score:.4f}"
+                             f"{'' if bound else '; no known VN bound for this rule'})")
+        _plain_log_y(ax, values)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_title(f"{r.gar}: b={_fmt(r.num('batch_size'))}, {r.attack_label}, {r.f_label}, "
-                     f"{r.privacy_label}", fontsize=8)
+        ax.set_title(f"attack: {attack}", fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.set_ylabel("VN ratio", fontsize=8)
         ax.tick_params(which="both", labelsize=7)
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6.5, loc="best")
-        described.append(f"{r.gar}: run {r.run_id} (max cross-accuracy {r.score:.4f}"
-                         f"{'' if bound else '; no known VN bound for this rule'})")
     _save(fig, out / "vn_ratio.png")
     sec.figures.append(Figure("vn_ratio.png", (
-        "VN ratio sqrt(E||G - EG||^2) / ||EG|| of the honest workers' vectors over the steps, as in 001 Figure 5: "
-        "dotted, the clipped batch gradients before noise and momentum (sample); solid, what the workers submit "
-        "(noise and momentum included). The dashed line is the GAR's bound 1/kappa(n, f): its guarantee holds while "
-        "the submitted ratio stays below it. Log scale; one panel per GAR, its best run: " + "; ".join(described) + ".")))
+        "VN ratio sqrt(E||G - EG||^2) / ||EG|| of the honest workers' vectors over the steps, as in 001 Figure 5, "
+        "one panel per attack and, in it, each GAR's best run under that attack: solid, what the workers submit "
+        "(noise and momentum included); dotted, the clipped batch gradients before noise (sample); dashed, the "
+        "GAR's bound 1/kappa(n, f) in the same colour. A GAR's guarantee holds only while its solid line is under "
+        "its dashed line. Log scale. Runs: " + "; ".join(described) + ".")))
+    return sec
+
+
+def held_fraction(cl, r: RunRow) -> tuple[float, int] | None:
+    """(share of steps where vn_submit < vn_bound, number of steps) of a run; None when the run
+    has no known bound or no VN values. Read from the run's vn_bound_held_frac metric, or
+    recomputed from its vn_submit history (stores written before that metric existed)."""
+    bound = r.metrics.get(schema.VN_BOUND)
+    if bound is None or not bound > 0 or schema.VN_SUBMIT not in r.metrics:
+        return None
+    hist = _history(cl, r.run_id, schema.VN_SUBMIT)
+    if not hist:
+        return None
+    frac = r.metrics.get(schema.VN_HELD_FRAC)
+    if frac is None:
+        frac = sum(v < bound for _, v in hist) / len(hist)
+    return float(frac), len(hist)
+
+
+NEVER_HELD = ("The VN bound never held in this job: in none of the {steps} logged steps of its {runs} run(s) with a "
+              "known bound was the submitted VN ratio under the GAR's bound 1/kappa (the submitted ratio was "
+              "{ratio} times the bound, median over runs). This is paper 001's central finding: the DP noise spreads "
+              "the honest workers' vectors so much that the robust GAR's guarantee (Theorem 1's condition) does "
+              "not apply. The winner below is the configuration that trained best without that guarantee, not one "
+              "that satisfied it; to get it back, raise the batch size or the privacy budget (less noise per "
+              "vector), or choose a GAR with a larger bound.")
+
+
+def bound_section(cl, runs: list[RunRow]) -> Section:
+    """Why the winner won: did any run keep 001's robustness condition VN < 1/kappa?"""
+    sec = Section("why", "Why: did the robustness condition hold?")
+    rows = []
+    for r in runs:
+        held = held_fraction(cl, r)
+        if held is not None:
+            rows.append((r, *held))
+    if not rows:
+        sec.notes.append("No trained run has both a VN ratio and a known VN bound, so whether 001's condition held "
+                         "cannot be said.")
+        return sec
+    ratios = [r.metrics[schema.VN_OVER_BOUND_MEDIAN] for r, _, _ in rows if schema.VN_OVER_BOUND_MEDIAN in r.metrics]
+    ratio = f"{sorted(ratios)[len(ratios) // 2]:.2g}" if ratios else "more than 1"
+    steps = sum(n for _, _, n in rows)
+    if all(frac == 0 for _, frac, _ in rows):
+        sec.html.append(f'<p class="verdict" id="bound-never-held">{_e(NEVER_HELD.format(steps=steps, runs=len(rows), ratio=ratio))}</p>')
+    else:
+        some = [(r, frac) for r, frac, _ in rows if frac > 0]
+        sec.html.append(f'<p class="verdict" id="bound-held">The VN bound held in {len(some)} of {len(rows)} run(s) '
+                        f"with a known bound (at {max(f for _, f in some):.0%} of the steps at best): in those runs "
+                        "the GAR's robustness guarantee (001 Theorem 1) applied at least part of the time.</p>")
+    top = sorted(rows, key=lambda x: -(x[0].score or 0.0))[:MAX_TOP]
+    out = ['<table id="why"><tr><th>run</th><th>max cross-acc.</th><th>bound held (share of steps)</th>'
+           "<th>vn_submit / bound (median)</th><th>noise share of the variance (mean)</th></tr>"]
+    for r, frac, _ in top:
+        over, share = r.metrics.get(schema.VN_OVER_BOUND_MEDIAN), r.metrics.get(schema.NOISE_SHARE_MEAN)
+        out.append(f"<tr><td>{_e(r.name or r.run_id)}</td><td>{r.score:.4f}</td><td>{frac:.0%}</td>"
+                   f"<td>{'' if over is None else f'{over:.3g}'}</td><td>{'' if share is None else f'{share:.0%}'}</td></tr>")
+    out.append("</table>")
+    sec.html.append("\n".join(out))
+    sec.html.append('<p class="muted">bound held: the share of steps with vn_submit &lt; 1/kappa; noise share: '
+                    "1 - Var(sample) / Var(submit), how much of the spread the GAR sees the DP noise (and momentum) "
+                    "adds to the batch gradients' own.</p>")
+    return sec
+
+
+def pareto(runs: list[RunRow], out: Path) -> Section:
+    """The accuracy-privacy trade-off: each trial's objective (worst-case max cross-accuracy)
+    against its total epsilon, and the non-dominated trials (the front a user picks a budget on;
+    ``tuneguard export --eps E`` takes the most accurate point with eps <= E)."""
+    from tuneguard.tune.objectives import pareto_front
+
+    sec = Section("pareto", "Accuracy against privacy: the Pareto front")
+    pts = [(r.metrics[schema.EPS_TOTAL], float(objective_of(r) or 0.0), r) for r in representatives(runs)
+           if schema.EPS_TOTAL in r.metrics and objective_of(r) is not None]
+    if len({p[0] for p in pts}) < 2:
+        sec.notes.append("Fewer than two trials with different total epsilon (metric eps_total, logged by tune "
+                         "jobs with DP), so there is no trade-off to draw; tune.objective: accuracy_vs_eps searches it.")
+        return sec
+    front = pareto_front(pts)
+    fig = _new_figure(6.0, 3.6)
+    ax = fig.subplots()
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=16, color="0.6", label="trial", zorder=2)
+    ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="C3", lw=1.8, zorder=3)
+    ax.scatter([p[0] for p in front], [p[1] for p in front], s=30, color="C3", label="Pareto front", zorder=4)
+    if max(p[0] for p in pts) / max(min(p[0] for p in pts), 1e-12) >= 10:
+        ax.set_xscale("log")
+    ax.set_xlabel("total epsilon spent per worker (lower = more private)", fontsize=8)
+    ax.set_ylabel("objective (max cross-accuracy)", fontsize=8)
+    ax.tick_params(which="both", labelsize=7)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    _save(fig, out / "pareto_front.png")
+    sec.figures.append(Figure("pareto_front.png", (
+        f"Each trial's objective against the total epsilon its runs spent (accountant, delta of the config); red, "
+        f"the {len(front)} trial(s) no other trial beats on both. Pick a budget on the x axis; "
+        "`tuneguard export --eps E` writes the most accurate trial within it.")))
+    rows = ['<table id="front"><tr><th>total eps</th><th>objective</th><th>config</th><th>run id</th></tr>']
+    for eps, acc, r in front:
+        rows.append(f"<tr><td>{eps:.4g}</td><td>{acc:.4f}</td><td>{_e(_key_config(r))}</td>"
+                    f"<td><code>{_e(r.run_id)}</code></td></tr>")
+    rows.append("</table>")
+    sec.html.append("\n".join(rows))
     return sec
 
 
@@ -463,7 +582,7 @@ def _study(source: Source, storage: str | None, study_name: str | None) -> tuple
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if storage is None:
-        rdir = source.parent.tags.get("tuneguard.results_dir") if source.parent else None
+        rdir = source.parent.tags.get(schema.RESULTS_DIR) if source.parent else None
         if not rdir:
             why = ("these runs belong to no tune job" if source.parent is None
                    else "the job's run has no tuneguard.results_dir tag")
@@ -513,17 +632,19 @@ def _progress_plot(xs: list[int], ys: list[float], path: Path, xlabel: str, ylab
 def search(source: Source, out: Path, storage: str | None, study_name: str | None) -> Section:
     sec = Section("search", "Search progress and parameter importance")
     study, where = _study(source, storage, study_name)
-    objective = (source.parent.tags.get("tuneguard.objective_name") if source.parent else None) or "objective"
+    objective = (source.parent.tags.get(schema.OBJECTIVE_NAME) if source.parent else None) or "objective"
     complete = []
     if study is not None:
         import optuna
 
         trials = study.get_trials(deepcopy=False)
-        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.value is not None]
+        # values[0] is the objective (accuracy) for single- and multi-objective studies alike.
+        complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE and t.values]
         other = len(trials) - len(complete)
         if complete:
-            _progress_plot([t.number for t in complete], [float(t.value) for t in complete],
-                           out / "search_progress.png", "Optuna trial number", objective)
+            _progress_plot([t.number + 1 for t in complete], [float(t.values[0]) for t in complete],
+                           out / "search_progress.png", "trial, in the order the search asked for it (1 = first)",
+                           objective)
             sec.figures.append(Figure("search_progress.png", (
                 f"Search progress: the objective ({objective}) of each completed trial (grey) and the best so far "
                 f"(blue), by trial number; from the {where}. {len(complete)} completed trial(s)"
@@ -551,7 +672,8 @@ def search(source: Source, out: Path, storage: str | None, study_name: str | Non
         import optuna
 
         imp = optuna.importance.get_param_importances(
-            study, evaluator=optuna.importance.FanovaImportanceEvaluator(n_trees=32, seed=0))
+            study, evaluator=optuna.importance.FanovaImportanceEvaluator(n_trees=32, seed=0),
+            target=(lambda t: t.values[0]) if len(study.directions) > 1 else None)
     except Exception as err:  # noqa: BLE001 - e.g. a single distinct value per parameter
         sec.notes.append(f"Optuna could not compute parameter importances: {type(err).__name__}: {err}")
         return sec
@@ -651,6 +773,7 @@ figure img {{ max-width: 100%; border: 1px solid #eee; }}
 figcaption {{ font-size: 0.9em; color: #444; max-width: 60em; }}
 p.note {{ color: #8a5a00; background: #fff8e6; border-left: 3px solid #e0a800; padding: 0.3em 0.6em; }}
 .muted {{ color: #777; font-size: 0.85em; }}
+p.verdict {{ background: #eef4ff; border-left: 3px solid #3366cc; padding: 0.4em 0.7em; max-width: 60em; }}
 </style>
 </head>
 <body>
@@ -680,8 +803,9 @@ def _key_config(r: RunRow) -> str:
     if gp and gp not in ("{}", "null"):
         parts[0] += f" {gp}"
     for key in ("batch_size", "lr", "momentum", "clip", "perturbation"):
-        if key in r.params:
-            parts.append(f"{key}={r.params[key]}")
+        if key in r.params:  # searched floats print as 0.1 / 0.0031, not with 17 digits
+            v = _num(r.params[key])
+            parts.append(f"{key}={r.params[key] if v is None or v == int(v) else f'{v:.3g}'}")
     parts += [r.f_label, f"n={r.params.get('n_workers', '?')}", r.privacy_label, f"attack={r.attack_label}"]
     return ", ".join(parts)
 
@@ -693,8 +817,8 @@ def _summary_html(source: Source, reps: list[RunRow], stats: dict[str, int], n_t
     rows.append(("Experiment", _e(source.experiment)))
     rows.append(("Tracking URI", f"<code>{_e(source.uri)}</code>"))
     if p is not None:
-        rows.append(("Job run", f"<code>{_e(p.run_id)}</code> ({_e(p.tags.get('tuneguard.status', p.status))})"))
-        rows.append(("Objective", _e(p.tags.get("tuneguard.objective_name", "max_cross_accuracy"))))
+        rows.append(("Job run", f"<code>{_e(p.run_id)}</code> ({_e(p.tags.get(schema.STATUS, p.status))})"))
+        rows.append(("Objective", _e(p.tags.get(schema.OBJECTIVE_NAME, "max_cross_accuracy"))))
     counts = ", ".join(f"{v} {k.lower()}" for k, v in sorted(stats.items()))
     rows.append(("Trials", f"{n_trials} trial(s), {len(source.runs)} run(s){f' ({_e(counts)})' if counts else ''}"))
     if reps:
@@ -702,10 +826,10 @@ def _summary_html(source: Source, reps: list[RunRow], stats: dict[str, int], n_t
         score = objective_of(b)
         rows.append(("Best score", f"{score:.4f}" if score is not None else "?"))
         rows.append(("Best run id", f"<code id=\"best-run-id\">{_e(b.run_id)}</code>"
-                     + (f" (trial {_e(b.tags['tuneguard.trial'])})" if "tuneguard.trial" in b.tags else "")))
+                     + (f" (trial {_e(b.tags[schema.TRIAL])})" if schema.TRIAL in b.tags else "")))
         rows.append(("Best config", _e(_key_config(b))))
-        if "tuneguard.point" in b.tags:
-            rows.append(("Searched point", f"<code>{_e(b.tags['tuneguard.point'])}</code>"))
+        if schema.POINT in b.tags:
+            rows.append(("Searched point", f"<code>{_e(b.tags[schema.POINT])}</code>"))
         if source.job:
             rows.append(("Reproduce", f"<code>tuneguard export --job {_e(source.job)} -o best.yaml &amp;&amp; "
                                       "tuneguard train best.yaml</code>"))
@@ -730,6 +854,7 @@ def _summary_html(source: Source, reps: list[RunRow], stats: dict[str, int], n_t
 def _section_html(sec: Section) -> str:
     out = [f'<section id="{_e(sec.key)}">', f"<h2>{_e(sec.title)}</h2>"]
     out += [f'<p class="note">{_e(n)}</p>' for n in sec.notes]
+    out += sec.html
     for f in sec.figures:
         out.append(f'<figure><img src="{_e(f.file)}" alt="{_e(sec.title)}"><figcaption>{_e(f.caption)}</figcaption>'
                    "</figure>")
@@ -772,8 +897,8 @@ def generate_report(
 
     trained = [r for r in source.runs if r.score is not None]
     colors = _colors(r.gar for r in source.runs if r.gar)
-    sections = [accuracy_vs_batch(trained, out, colors), vn_ratio(cl, trained, out, colors),
-                search(source, out, optuna_storage, study), perturbation(trained, out, colors)]
+    sections = [bound_section(cl, trained), accuracy_vs_batch(trained, out, colors), vn_ratio(cl, trained, out, colors),
+                search(source, out, optuna_storage, study), perturbation(trained, out, colors), pareto(source.runs, out)]
 
     reps = representatives(source.runs)
     stats: dict[str, int] = defaultdict(int)

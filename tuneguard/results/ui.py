@@ -24,6 +24,19 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+# The MLflow 3.17 UI picks its view from a global "workflow type" (GenAI or Model training), kept
+# in the browser's localStorage and defaulting to GenAI, so an experiment opens on the GenAI
+# overview (traces, evaluation runs, an assistant) whatever the experiment's mlflow.experimentKind
+# tag says. This query parameter selects "Model training" for the page it is on: every link
+# tuneguard prints carries it, so the experiment opens on its runs table.
+CLASSIC_VIEW = "workflowType=machine_learning"
+
+
+def experiment_url(url: str, experiment_id: str | None = None) -> str:
+    """The UI link of an experiment's runs (or of the experiment list) in the classic view."""
+    route = f"/experiments/{experiment_id}" if experiment_id else "/experiments"
+    return f"{url}/#{route}?{CLASSIC_VIEW}"
+
 
 class UIError(RuntimeError):
     """The server could not start (port taken, not a SQLite store, ...)."""
@@ -101,6 +114,7 @@ class Server:
     process: subprocess.Popen
     url: str
     log_path: Path
+    dashboard: Server | None = None  # optuna-dashboard started next to it (tuneguard ui --optuna)
 
     def stop(self, grace: float = 10.0) -> None:
         """SIGTERM to the server's process group, SIGKILL after ``grace`` seconds; also when the
@@ -138,12 +152,78 @@ def group_alive(pgid: int) -> bool:
         return True
 
 
-def _health(url: str) -> bool:
+def _health(url: str, path: str = "/health") -> bool:
     try:
-        with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+        with urllib.request.urlopen(f"{url}{path}", timeout=2) as r:
             return r.status == 200
     except OSError:
         return False
+
+
+def optuna_command(storage: str, host: str, port: int) -> list[str]:
+    """optuna-dashboard over a job's study storage (its console script: the package has no
+    ``__main__``, see shared/notes)."""
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    if not exe.exists():
+        import shutil
+
+        found = shutil.which("optuna-dashboard")
+        if not found:
+            raise UIError("optuna-dashboard is not installed; `pip install optuna-dashboard` (a tuneguard dependency)")
+        exe = Path(found)
+    return [str(exe), storage, "--host", host, "--port", str(port)]
+
+
+def start_optuna(storage: str, *, host: str = "127.0.0.1", port: int = 8080, timeout: float = 60.0,
+                 log_path: str | Path | None = None) -> Server:
+    """Start optuna-dashboard on ``storage`` (e.g. ``sqlite:////abs/optuna.db``) and wait until its
+    API answers; the same process-group handling as :func:`start`. Its page is ``URL/dashboard/``."""
+    from tuneguard.tracking import tuneguard_home
+
+    check_host_port(host, port)
+    local = "127.0.0.1" if host in PUBLIC_HOSTS else host
+    url = f"http://{local}:{port}"
+    if _health(url, "/api/studies"):
+        raise UIError(f"something already answers on {url}; choose another --optuna-port")
+    log = Path(log_path) if log_path else tuneguard_home() / "optuna-dashboard.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(optuna_command(storage, host, port), stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    server = Server(proc, url, log)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise UIError(f"optuna-dashboard exited with code {proc.returncode}; its log ({log}):\n"
+                              f"{log.read_text()[-3000:]}")
+            if _health(url, "/api/studies"):
+                return server
+            time.sleep(0.5)
+        raise UIError(f"optuna-dashboard did not answer {url} within {timeout:.0f} s; see {log}")
+    except BaseException:
+        server.stop()
+        raise
+
+
+def job_study(tracking_uri: str | None, job: str | None = None) -> tuple[str, str, str]:
+    """(job id, study storage URL, study name) of a tune job (default: the latest): its Optuna
+    study is ``<results dir>/optuna.db`` (tag tuneguard.results_dir), named after the job."""
+    from tuneguard.results import schema
+    from tuneguard.results.export import ExportError, find_job
+    from tuneguard.tracking import client
+
+    try:
+        parent = find_job(client(tracking_uri), job)
+    except ExportError as err:
+        raise UIError(str(err)) from None
+    job_id = parent.data.tags[schema.JOB]
+    rdir = parent.data.tags.get(schema.RESULTS_DIR)
+    db = Path(rdir) / "optuna.db" if rdir else None
+    if db is None or not db.is_file():
+        raise UIError(f"tune job {job_id} has no Optuna study on this machine ({db or 'no results dir recorded'}); a grid "
+                      "job searches without Optuna")
+    return job_id, f"sqlite:///{db}", job_id
 
 
 def start(tracking_uri: str | None = None, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
@@ -183,7 +263,8 @@ def start(tracking_uri: str | None = None, *, host: str = "127.0.0.1", port: int
 
 
 def serve(tracking_uri: str | None = None, *, host: str = "127.0.0.1", port: int = 5000, workers: int = 1,
-          on_ready=None, allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None) -> None:
+          on_ready=None, allowed_hosts: list[str] | None = None, cors_origins: list[str] | None = None,
+          optuna_storage: str | None = None, optuna_port: int | None = None) -> None:
     """Start, report the URL through ``on_ready(server)``, and run until Ctrl-C or SIGTERM. The
     signal handlers are in place before the server starts, so a signal during start-up stops it
     too (see :func:`start`)."""
@@ -195,10 +276,13 @@ def serve(tracking_uri: str | None = None, *, host: str = "127.0.0.1", port: int
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, _terminate) for s in (signal.SIGTERM, signal.SIGHUP)}
-    server = None
+    server = dashboard = None
     try:
         server = start(tracking_uri, host=host, port=port, workers=workers, allowed_hosts=allowed_hosts,
                        cors_origins=cors_origins)
+        if optuna_storage:
+            dashboard = start_optuna(optuna_storage, host=host, port=optuna_port or port + 1)
+            server.dashboard = dashboard
         if on_ready:
             on_ready(server)
         while server.process.poll() is None:
@@ -208,6 +292,8 @@ def serve(tracking_uri: str | None = None, *, host: str = "127.0.0.1", port: int
     except KeyboardInterrupt:
         pass
     finally:
+        if dashboard is not None:
+            dashboard.stop()
         if server is not None:
             server.stop()
         for s, h in previous.items():
