@@ -23,6 +23,10 @@ from typing import Any
 
 from tuneguard.results import schema
 
+# MLflow draws a progress bar on stderr for every artifact it downloads (a run's config.yaml):
+# noise in the output of tune jobs and exports. A user's own setting wins.
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
 PARAM_MAX_LEN = 6000
 REACH_TIMEOUT_S = 5.0
 DB_SCHEMES = ("postgresql", "mysql", "mssql")  # SQLAlchemy stores MLflow supports besides sqlite

@@ -680,8 +680,17 @@ def log_best_model(cl, info: JobInfo, run_id: str) -> None:
             # Explicit requirements: MLflow would otherwise load the model in a subprocess to infer
             # them. "pickle", not MLflow 3's default pt2 (torch.export): ~1.7 s instead of ~7 s here,
             # and load_model gives back the same nn.Module class.
-            mlflow.pytorch.log_model(res.model.cpu(), name="model", serialization_format="pickle",
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            import logging
+
+            # MLflow warns about pickle on every save; the choice is deliberate (above).
+            log = logging.getLogger("mlflow.pytorch")
+            level = log.level
+            log.setLevel(logging.ERROR)
+            try:
+                mlflow.pytorch.log_model(res.model.cpu(), name="model", serialization_format="pickle",
+                                         pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            finally:
+                log.setLevel(level)
         finally:  # the run keeps its own outcome (FINISHED), whatever happened to the logging
             mlflow.end_run(status="FINISHED")
         cl.set_tag(info.parent_run_id, schema.BEST_MODEL_RUN, run_id)
