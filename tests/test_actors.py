@@ -33,6 +33,7 @@ from tuneguard.training.local import LocalEngine
 
 BASE = dict(dataset="mnist", n_workers=5, f=1, batch_size=16, steps=4, eval_every=2, lr=0.1, momentum=0.9)
 TOL = 1e-5
+SAMPLE_TOL = 1e-4
 
 
 def cfg_of(**over):
@@ -80,7 +81,10 @@ def assert_same(a, b):
     for ma, mb in zip(ha, hb, strict=True):
         assert ma.keys() == mb.keys()
         for k in ma:
-            assert ma[k] == pytest.approx(mb[k], abs=TOL, rel=TOL), (k, ma[k], mb[k])
+            # The "sample" VN statistics come from the actors' per-group moments: the same sums
+            # in another order, equal to fp32 accumulation error over d ~ 80k (~1e-5), not bitwise.
+            tol = SAMPLE_TOL if k in ("vn_sample", "noise_share") else TOL
+            assert ma[k] == pytest.approx(mb[k], abs=tol, rel=tol), (k, ma[k], mb[k])
     assert ea == pytest.approx(eb, abs=TOL)
 
 

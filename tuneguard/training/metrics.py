@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -45,6 +46,43 @@ def _ratio(spread: float, norm: float) -> float:
     if math.isnan(spread):
         return math.nan
     return spread / norm if norm > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class Moments:
+    """What the VN ratio needs of k vectors, without the vectors: their count, mean and
+    ``m2 = sum_i ||G_i - mean||^2``. Worker actors send these for their "sample" rows (the batch
+    gradients before noise), which only the metrics read, instead of the [k, d] rows; the server
+    combines the groups exactly (Chan et al. 1979):
+
+        mean = sum_a k_a mean_a / k,   m2 = sum_a (m2_a + k_a ||mean_a - mean||^2).
+    """
+
+    k: int
+    mean: torch.Tensor  # [d]
+    m2: float
+
+    @staticmethod
+    def of(vectors: torch.Tensor) -> Moments:
+        mean = vectors.mean(0)
+        # the same single norm as _spread: with one group the combined value is the local one
+        return Moments(vectors.shape[0], mean, float(torch.linalg.vector_norm(vectors - mean)) ** 2)
+
+    @staticmethod
+    def combine(parts: list[Moments]) -> Moments:
+        if len(parts) == 1:
+            return parts[0]
+        # in float64: the between-group term subtracts nearly equal means
+        k = sum(p.k for p in parts)
+        means = [p.mean.double() for p in parts]
+        mean = sum(m * (p.k / k) for m, p in zip(means, parts, strict=True))
+        m2 = sum(p.m2 + p.k * float((m - mean).norm()) ** 2 for m, p in zip(means, parts, strict=True))
+        return Moments(k, mean.to(parts[0].mean.dtype), m2)
+
+    @property
+    def spread(self) -> float:
+        """sqrt(m2 / (k - 1)), as :func:`_spread`; NaN for k < 2."""
+        return math.sqrt(self.m2) / math.sqrt(self.k - 1) if self.k >= 2 else math.nan
 
 
 def noise_share(spread_sample: float, spread_submit: float) -> float:
@@ -99,13 +137,18 @@ def step_metrics(sample: torch.Tensor, submit: torch.Tensor, R: torch.Tensor, lo
     return out
 
 
-def honest_metrics(sample: torch.Tensor, submit: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor,
+def honest_metrics(sample: torch.Tensor | Moments, submit: torch.Tensor, loss: torch.Tensor, grad_norm: torch.Tensor,
                    clipped_frac: torch.Tensor, *, honest_mean: torch.Tensor | None = None) -> dict[str, float]:
     """The part of :func:`step_metrics` that needs only the honest workers' outputs (the actor
-    engine computes it while the Byzantine workers craft their vectors)."""
+    engine computes it while the Byzantine workers craft their vectors). ``sample``: the rows,
+    or their :class:`Moments`."""
     honest_mean = submit.mean(0) if honest_mean is None else honest_mean
-    sample_mean = sample.mean(0)
-    spread_sample, spread_submit = _spread(sample, sample_mean), _spread(submit, honest_mean)
+    if isinstance(sample, Moments):  # the actor engine: the workers sent their rows' moments
+        sample_mean, spread_sample = sample.mean, sample.spread
+    else:
+        sample_mean = sample.mean(0)
+        spread_sample = _spread(sample, sample_mean)
+    spread_submit = _spread(submit, honest_mean)
     return {
         "train_loss": float(loss.mean()),
         "vn_sample": _ratio(spread_sample, float(sample_mean.norm())),

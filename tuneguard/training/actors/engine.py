@@ -48,7 +48,7 @@ from tuneguard.training.actors.remote import (
     read_rows,
     to_tensor,
 )
-from tuneguard.training.metrics import evaluate
+from tuneguard.training.metrics import Moments, evaluate
 from tuneguard.training.server import HonestSummary, honest_summary, server_step
 from tuneguard.training.step import WorkerOutput
 
@@ -278,9 +278,10 @@ class ActorEngine:
             stack[row:row + k].copy_(to_tensor(p["submit"], dev))
             row += k
         assert row == h, (row, h)
-        sample, loss, grad_norm, clipped = (read_rows([p[k] for p in outputs], dev)
-                                            for k in ("sample", "loss", "grad_norm", "clipped_frac"))
-        out = WorkerOutput(sample, stack[:h], None, loss, grad_norm, clipped)
+        loss, grad_norm, clipped = (read_rows([p[k] for p in outputs], dev) for k in ("loss", "grad_norm", "clipped_frac"))
+        sample = Moments.combine([Moments(p["submit"].shape[0], to_tensor(p["sample_mean"], dev), float(p["sample_m2"]))
+                                  for p in outputs])
+        out = WorkerOutput(sample, stack[:h], None, loss, grad_norm, clipped)  # type: ignore[arg-type]
         return out, honest_summary(out), stack
 
     def _submit(self, state: ActorState, theta_ref: ray.ObjectRef, t: int, refs: _StepRefs) -> None:
