@@ -175,6 +175,24 @@ def trial(config: dict[str, Any], job: JobContext | None = None) -> None:
         tune.report(stored[specs[0].key])
         return
 
+    # Actor engine: the trial's actors boot (torch imports, seconds) while the runs are set up.
+    from tuneguard.training.actors.engine import prewarm
+
+    try:
+        warm_pool = prewarm(specs[0].cfg) if specs else None
+    except Exception:  # noqa: BLE001 - the run's own engine start reports the problem in context
+        warm_pool = None
+    try:
+        _run_trial(job, space, trial_id, point, specs, existing, tune, torch)
+    finally:
+        if warm_pool is not None:
+            from tuneguard.training.actors.pool import release
+
+            release(warm_pool)
+
+
+def _run_trial(job: JobContext, space, trial_id: str, point: dict[str, Any], specs, existing, tune, torch) -> None:
+    """Train the trial's runs side by side and report (the body of :func:`trial`)."""
     saved = _load_checkpoint()
     done: dict[str, dict[str, Any]] = {k: v["done"] for k, v in saved.items() if "done" in v}
     resume = {k: v["resume"] for k, v in saved.items() if "resume" in v}

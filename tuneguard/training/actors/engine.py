@@ -111,8 +111,7 @@ class ActorEngine:
             t0 = time.perf_counter()
             layout, bundles, pg = self._resolve_layout()
             self.placement_group = pg  # the Tune trial's placement group the actors run in, or None
-            kwargs = dict(n_honest=cfg.n_honest, n_workers=cfg.n_workers, threads=max(1, int(layout.cpus)),
-                          bundles=bundles, pg=pg, ready_timeout_s=max(cfg.actors.step_timeout_s, 60.0))
+            kwargs = _pool_kwargs(cfg, layout, bundles, pg)
             if self.warm:
                 self.pool, self.reused = pools.acquire(layout, **kwargs)
             else:
@@ -441,6 +440,28 @@ class ActorEngine:
             self.close()
         except Exception:
             pass
+
+
+def _pool_kwargs(cfg: ExperimentConfig, layout: ActorLayout, bundles, pg) -> dict[str, Any]:
+    return dict(n_honest=cfg.n_honest, n_workers=cfg.n_workers, threads=max(1, int(layout.cpus)),
+                bundles=bundles, pg=pg, ready_timeout_s=max(cfg.actors.step_timeout_s, 60.0))
+
+
+def prewarm(cfg: ExperimentConfig) -> ActorPool | None:
+    """Start this process's warm actors for the runs of ``cfg`` now, without waiting: inside a
+    Tune trial their processes boot (each imports torch) while the trial sets up its runs.
+    Returns the pool with one use held (hand it back with :func:`.pool.release`), or None where
+    runs would not use a warm pool (no Ray connection, or not inside a placement group)."""
+    from ray.util.placement_group import get_current_placement_group
+
+    if cfg.engine != "actors" or not ray.is_initialized() or get_current_placement_group() is None:
+        return None
+    probe = ActorEngine.__new__(ActorEngine)  # the layout rules of a run, without starting one
+    probe.cfg = cfg
+    layout, bundles, pg = probe._resolve_layout()
+    pool, _ = pools.acquire(layout, **_pool_kwargs(cfg, layout, bundles, pg))
+    pool.spawn()
+    return pool
 
 
 def _lost_actor_id(err: BaseException) -> str | None:
