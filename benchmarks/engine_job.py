@@ -8,8 +8,8 @@ cluster, a fresh MLflow SQLite store and results dir in a temporary folder), sam
 Optuna seed; the engines alternate (local, actors, local, actors, ...) so machine noise hits
 both alike. Reported per engine (median over repeats): the job's wall time (the process, Ray's
 start and stop included), its ratio to the local engine, the actor pools started per job and
-the runs that reused warm actors (the runs' MLflow tags ``tuneguard.actors_warm``), the first
-run's actor start-up, and the job's peak memory: the largest sum over the job's processes (the
+the runs that found them warm (the runs' MLflow tag ``tuneguard.actor_pool``: a pool's first run
+boots it), that first run's actor start-up, and the job's peak memory: the largest sum over the job's processes (the
 CLI, Ray's processes, trial processes, actors) of their PSS (shared pages divided among the
 processes mapping them, so the object-store dataset counts once), sampled every 0.5 s from
 /proc.
@@ -26,6 +26,8 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+
+from tuneguard.results import schema
 
 REPO = Path(__file__).resolve().parents[1]
 TITLE = "Tune job per engine (benchmarks/engine_job.py)"
@@ -88,12 +90,18 @@ def run_job(engine: str, space: str, sets: list[str]) -> dict:
         cl = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
         runs = [r for e in cl.search_experiments() for r in
                 cl.search_runs([e.experiment_id], filter_string="tags.`tuneguard.kind` = 'trial'", max_results=1000)]
-        warm = [r.data.tags.get("tuneguard.actors_warm") for r in runs]
-        startups = [float(r.data.tags["tuneguard.actor_startup_s"]) for r in runs
-                    if r.data.tags.get("tuneguard.actors_warm") == "0" and "tuneguard.actor_startup_s" in r.data.tags]
+        # A pool's first run waited for its actors to boot (its start-up); the others found them warm.
+        first: dict[str, object] = {}
+        for r in sorted(runs, key=lambda r: r.info.start_time):
+            pool = r.data.tags.get(schema.ACTOR_POOL)
+            if pool is not None:
+                first.setdefault(pool, r)
+        startups = [float(r.data.tags[schema.ACTOR_STARTUP_S]) for r in first.values()
+                    if schema.ACTOR_STARTUP_S in r.data.tags]
+        pooled = sum(1 for r in runs if schema.ACTOR_POOL in r.data.tags)
         best = [ln for ln in out.stdout.splitlines() if ln.startswith("best objective")]
-        return {"engine": engine, "wall": wall, "runs": len(runs), "pools": warm.count("0"),
-                "warm_runs": warm.count("1"), "startup": statistics.median(startups) if startups else None,
+        return {"engine": engine, "wall": wall, "runs": len(runs), "pools": len(first),
+                "warm_runs": pooled - len(first), "startup": statistics.median(startups) if startups else None,
                 "peak_mb": mem.peak, "best": best[0] if best else ""}
 
 

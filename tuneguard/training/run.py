@@ -223,6 +223,7 @@ def engine_info(engine) -> dict[str, str]:
         info[schema.ACTORS_WARM] = "1" if engine.reused else "0"
         if engine.pool is not None:
             info[schema.ACTOR_NODES] = str(len(set(engine.nodes())))
+            info[schema.ACTOR_POOL] = engine.pool.name_prefix
         startup = getattr(engine, "startup_seconds", math.nan)
         if math.isfinite(startup):
             info[schema.ACTOR_STARTUP_S] = f"{startup:.3f}"
