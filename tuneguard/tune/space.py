@@ -91,7 +91,7 @@ class AshaSettings(_Strict):
 
 
 # The engine of a tune job whose space names none. Issue 12 makes Ray actors the default once a
-# job on actors costs at most ~1.3x the local engine; measured 1.84x on the quickstart (BENCHMARKS.md,
+# job on actors costs at most ~1.3x the local engine; measured 1.33-1.43x on the quickstart (BENCHMARKS.md,
 # "Tune job per engine"), so the single-process engine stays the default for now.
 DEFAULT_TUNE_ENGINE = "local"
 
