@@ -163,13 +163,21 @@ def test_two_trial_tune_job_with_plugin_model_and_dataset(plugin_path, tmp_path)
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump(space))
     exe = str(Path(sys.executable).with_name("tuneguard"))
-    env = {**os.environ, "RAY_TMPDIR": "/tmp", "TUNEGUARD_HOME": str(tmp_path / "home")}
+    # Its output goes to a pipe, as in a CI log: plain lines, a status line per
+    # TUNEGUARD_PROGRESS_EVERY seconds (here: every Tune event), nothing wrapped at COLUMNS.
+    env = {**os.environ, "RAY_TMPDIR": "/tmp", "TUNEGUARD_HOME": str(tmp_path / "home"),
+           "TUNEGUARD_PROGRESS_EVERY": "0", "COLUMNS": "40"}
     res = subprocess.run(
         [exe, "tune", str(space_file), "--results-dir", str(tmp_path / "job"), "--tracking-uri",
-         f"sqlite:///{tmp_path / 'mlflow.db'}", "--no-progress", "--num-cpus", "2", "--concurrency", "1"],
+         f"sqlite:///{tmp_path / 'mlflow.db'}", "--num-cpus", "2", "--concurrency", "1"],
         env=env, capture_output=True, text=True, timeout=400,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    out = res.stdout.splitlines()
+    assert any(re.match(r"\[1/2\] trial \S+ objective \d", ln) for ln in out), res.stdout
+    assert any(re.match(r"\[2/2\] trial \S+ objective \d", ln) for ln in out), res.stdout
+    assert any(" running, " in ln and "ETA" in ln for ln in out), res.stdout
+    assert any(re.search(r"tuneguard export --job \S+ --tracking-uri \S+ -o best.yaml$", ln) for ln in out), res.stdout
     job = json.loads((tmp_path / "job" / "job.json").read_text())
     from mlflow import MlflowClient
 
