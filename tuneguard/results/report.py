@@ -37,6 +37,7 @@ from statistics import mean
 from typing import Any
 
 from tuneguard.results import schema
+from tuneguard.results.axes import style_axes
 
 DPI = 100
 MAX_PANELS = 12
@@ -459,11 +460,7 @@ def vn_ratio(cl, runs: list[RunRow], out: Path, colors: dict[str, Any]) -> Secti
         _plain_log_y(ax, values)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(f"attack: {attack}", fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.set_ylabel("VN ratio", fontsize=8)
-        ax.tick_params(which="both", labelsize=7)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=6.5, loc="best")
+        style_axes(ax, "step", "VN ratio", legend_fontsize=6.5)
     _save(fig, out / "vn_ratio.png")
     sec.figures.append(Figure("vn_ratio.png", (
         "VN ratio sqrt(E||G - EG||^2) / ||EG|| of the honest workers' vectors over the steps, as in 001 Figure 5, "
@@ -557,11 +554,7 @@ def pareto(runs: list[RunRow], out: Path) -> Section:
     ax.scatter([p[0] for p in front], [p[1] for p in front], s=30, color="C3", label="Pareto front", zorder=4)
     if max(p[0] for p in pts) / max(min(p[0] for p in pts), 1e-12) >= 10:
         ax.set_xscale("log")
-    ax.set_xlabel("total epsilon spent per worker (lower = more private)", fontsize=8)
-    ax.set_ylabel("objective (max cross-accuracy)", fontsize=8)
-    ax.tick_params(which="both", labelsize=7)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="lower right")
+    style_axes(ax, "total epsilon spent per worker (lower = more private)", "objective (max cross-accuracy)", legend_loc="lower right")
     _save(fig, out / "pareto_front.png")
     sec.figures.append(Figure("pareto_front.png", (
         f"Each trial's objective against the total epsilon its runs spent (accountant, delta of the config); red, "
@@ -736,11 +729,7 @@ def perturbation(runs: list[RunRow], out: Path, colors: dict[str, Any]) -> Secti
         _value_axis(ax, allb, log=True)
         ax.set_ylim(0, min(1.0, top * 1.15 + 0.02))
         ax.set_title(", ".join(key), fontsize=8)
-        ax.set_xlabel("perturbation b (std of the noise added to each local gradient)", fontsize=8)
-        ax.set_ylabel("max cross-accuracy", fontsize=8)
-        ax.tick_params(which="both", labelsize=7)
-        ax.grid(alpha=0.3, which="both")
-        ax.legend(fontsize=7, loc="best")
+        style_axes(ax, "perturbation b (std of the noise added to each local gradient)", "max cross-accuracy")
     _save(fig, out / "perturbation.png")
     sec.figures.append(Figure("perturbation.png", (
         "Paper 003: max cross-accuracy of noisy signSGD (sign_majority) and noisy medianSGD (median) against the "

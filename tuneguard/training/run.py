@@ -11,6 +11,7 @@ from typing import Any
 from tuneguard.aggregators import build_gar
 from tuneguard.config import ExperimentConfig
 from tuneguard.results import schema
+from tuneguard.results.axes import style_axes
 from tuneguard.training.metrics import bound_summary, vn_bound
 
 StepCallback = Callable[[dict[str, Any]], None]
@@ -272,11 +273,7 @@ def vn_figure(cfg: ExperimentConfig, history: list[dict[str, Any]], held: float 
     if bound:
         ax.axhline(bound, color="k", ls="--", lw=1.1, label=f"bound 1/kappa = {bound:.3g}")
     ax.set_yscale("log")
-    ax.set_xlabel("step", fontsize=8)
-    ax.set_ylabel("VN ratio", fontsize=8)
-    ax.tick_params(which="both", labelsize=7)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
+    style_axes(ax, "step", "VN ratio")
     why = ("no known bound for this rule" if not bound else
            "bound never held: no robustness guarantee (001)" if held == 0 else
            f"bound held at {held:.0%} of steps" if held is not None else "")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tuneguard.results import schema
+from tuneguard.tune.objectives import _finite
 from tuneguard.tune.trial_report import TrialReport
 
 CHECKPOINT_FILE = "trial.pt"
@@ -123,14 +124,6 @@ class Lockstep:
         with self.cond:
             self.aborted = True
             self.cond.notify_all()
-
-
-def _finite(x: Any, default: float = 0.0) -> float:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return default
-    return x if math.isfinite(x) else default
 
 
 def aggregate(values: dict[str, float], specs) -> float:

@@ -26,8 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-OBJECTIVE = "objective"
-EPS_TOTAL = "eps_total"
+from tuneguard.results.schema import EPS_TOTAL, OBJECTIVE
 
 
 def _finite(x: Any, default: float = 0.0) -> float:
