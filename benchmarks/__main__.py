@@ -65,6 +65,8 @@ FIGURES = [
            write_flag=None, no_write_flag="--no-write", group="aggregators"),
     Figure("actor_overhead", 4, "actor engine vs local engine", "benchmarks.actor_overhead",
            quick=["--steps", "1", "--repeats", "1", "--batch-sizes", "50"]),
+    Figure("ray_transport", 4, "one step's data flow in Ray alone: actor tasks vs a compiled graph, and what "
+           "idle compiled-graph actors burn", "benchmarks.ray_transport", quick=["--rounds", "5"]),
     Figure("tune_overhead", 5, "a tune job's wall time vs the sum of its trials' training time",
            "benchmarks.tune_overhead",
            quick=["--steps", "6", "--eval-every", "3", "--batch-sizes", "25", "50", "--repeats", "1"]),
