@@ -292,30 +292,47 @@ def held_rows(cl, runs: list[RunRow]) -> list[HeldRow]:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class FrontPoint:
-    """One trial on the trade-off: total epsilon (min), objective (max)."""
+    """One trial on the trade-off: total epsilon (min), objective (max), tolerated f (max; the
+    run's param f)."""
 
     eps: float
     objective: float
     run: RunRow
+    f: int = 0
 
 
 @dataclass
 class Frontier:
-    """The trials that logged a total epsilon, and the non-dominated ones among them."""
+    """The trials that logged a total epsilon, and the non-dominated ones among them; with
+    ``by_f`` (objective accuracy_eps_f) under three objectives, plus one (eps, objective) front
+    per f level of the trials with at least that f (see tuneguard.tune.objectives)."""
 
     points: list[FrontPoint]
-    front: list[FrontPoint]  # by eps; the objective strictly increases along it
+    front: list[FrontPoint]  # by eps; 2 objectives: the objective strictly increases along it
+    by_f: bool = False
+    levels: dict[int, list[FrontPoint]] = field(default_factory=dict)  # by_f: f -> front of trials with f' >= f
 
 
-def frontier(runs: list[RunRow]) -> Frontier:
+def maximises_f(objective_name: str | None) -> bool:
+    """Whether a job's objective (its tuneguard.objective_name tag) maximises the tolerated f."""
+    from tuneguard.tune.objectives import OBJECTIVES
+
+    spec = OBJECTIVES.get(objective_name or "")
+    return spec is not None and spec.maximises_f
+
+
+def frontier(runs: list[RunRow], by_f: bool = False) -> Frontier:
     """Each trial (its representative run) that logged a total epsilon and has an objective, and
-    the Pareto front of (eps_total min, objective max) over them."""
-    from tuneguard.tune.objectives import pareto_front
+    the Pareto front of (eps_total min, objective max[, f max]) over them."""
+    from tuneguard.tune.objectives import fronts_by_f, pareto_front, pareto_front_f
 
-    pts = [FrontPoint(r.metrics[schema.EPS_TOTAL], float(objective_of(r) or 0.0), r) for r in representatives(runs)
-           if schema.EPS_TOTAL in r.metrics and objective_of(r) is not None]
-    front = pareto_front([(p.eps, p.objective, p) for p in pts])
-    return Frontier(pts, [p for _, _, p in front])
+    pts = [FrontPoint(r.metrics[schema.EPS_TOTAL], float(objective_of(r) or 0.0), r, int(r.num("f") or 0))
+           for r in representatives(runs) if schema.EPS_TOTAL in r.metrics and objective_of(r) is not None]
+    if not by_f:
+        return Frontier(pts, [p for _, _, p in pareto_front([(p.eps, p.objective, p) for p in pts])])
+    quads = [(p.eps, p.objective, p.f, p) for p in pts]
+    levels = {f: [q[3] for q in front] for f, front in fronts_by_f(quads).items()}
+    return Frontier(pts, [q[3] for q in pareto_front_f(quads)], True, levels)
 
 
 # --------------------------------------------------------------------------------------------

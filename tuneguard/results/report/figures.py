@@ -374,6 +374,8 @@ def pareto(data: Frontier, out: Path) -> Section:
     """The accuracy-privacy trade-off: each trial's objective (worst-case max cross-accuracy)
     against its total epsilon, and the non-dominated trials (the front a user picks a budget on;
     ``tuneguard export --eps E`` takes the most accurate point with eps <= E)."""
+    if data.by_f:
+        return _pareto_by_f(data, out)
     sec = Section("pareto", "Accuracy against privacy: the Pareto front")
     pts, front = data.points, data.front
     if len({p.eps for p in pts}) < 2:
@@ -393,4 +395,44 @@ def pareto(data: Frontier, out: Path) -> Section:
         f"Each trial's objective against the total epsilon its runs spent (accountant, delta of the config); red, "
         f"the {len(front)} trial(s) no other trial beats on both. Pick a budget on the x axis; "
         "`tuneguard export --eps E` writes the most accurate trial within it.")))
+    return sec
+
+
+def _pareto_by_f(data: Frontier, out: Path) -> Section:
+    """Three objectives (``accuracy_eps_f``) on one chart: objective against total epsilon, one
+    colour per tolerated f. For each f level F, a step line: the front of the trials that
+    tolerate at least F Byzantine workers (the trade-off open to a user who must tolerate F; it
+    can only move down and right as F grows). Trials on the three-objective front are ringed."""
+    from matplotlib import colormaps
+
+    sec = Section("pareto", "Accuracy against privacy and robustness: the Pareto front, per tolerated f")
+    pts = data.points
+    if len({(p.eps, p.f) for p in pts}) < 2:
+        sec.notes.append("Fewer than two trials that differ in total epsilon or f (metric eps_total, param f), so "
+                         "there is no trade-off to draw; tune.objective: accuracy_eps_f searches it.")
+        return sec
+    levels = sorted(data.levels)
+    cmap = colormaps["viridis"]  # dark = small f, light = large f; 0.15..0.85 keeps both ends readable
+    color = {f: cmap(0.15 + 0.7 * i / max(1, len(levels) - 1)) for i, f in enumerate(levels)}
+    fig = _new_figure(6.4, 3.8)
+    ax = fig.subplots()
+    for f in levels:
+        mine = [p for p in pts if p.f == f]
+        ax.scatter([p.eps for p in mine], [p.objective for p in mine], s=16, color=color[f], alpha=0.55, zorder=2)
+        line = data.levels[f]
+        ax.step([p.eps for p in line], [p.objective for p in line], where="post", color=color[f], lw=1.8, zorder=3,
+                label=f"front of trials with f >= {f}")
+    ax.scatter([p.eps for p in data.front], [p.objective for p in data.front], s=46, facecolors="none",
+               edgecolors="black", lw=1.1, label="Pareto front (eps, objective, f)", zorder=4)
+    if max(p.eps for p in pts) / max(min(p.eps for p in pts), 1e-12) >= 10:
+        ax.set_xscale("log")
+    style_axes(ax, "total epsilon spent per worker (lower = more private)", "objective (max cross-accuracy)",
+               legend_loc="lower right")
+    _save(fig, out / "pareto_front.png")
+    sec.figures.append(Figure("pareto_front.png", (
+        "Each trial's objective against the total epsilon its runs spent (accountant, delta of the config), coloured "
+        "by the number of Byzantine workers f it trained against (dark: few, light: many). Each step line is the "
+        "front of the trials with at least that f: the best accuracy for each budget when you must tolerate f "
+        f"attackers. Ringed: the {len(data.front)} trial(s) no other trial beats on all three of eps, accuracy "
+        "and f. `tuneguard export --eps E` writes the most accurate trial within the budget (the larger f on ties).")))
     return sec

@@ -207,9 +207,11 @@ def pareto_section(front: data.Frontier, out: Path) -> Section:
     sec = figures.pareto(front, out)
     if not sec.figures:
         return sec
-    rows = ['<table id="front"><tr><th>total eps</th><th>objective</th><th>config</th><th>run id</th></tr>']
+    f_col = "<th>f</th>" if front.by_f else ""
+    rows = [f'<table id="front"><tr><th>total eps</th><th>objective</th>{f_col}<th>config</th><th>run id</th></tr>']
     for p in front.front:
-        rows.append(f"<tr><td>{p.eps:.4g}</td><td>{p.objective:.4f}</td><td>{_e(_key_config(p.run))}</td>"
+        f_cell = f"<td>{p.f}</td>" if front.by_f else ""
+        rows.append(f"<tr><td>{p.eps:.4g}</td><td>{p.objective:.4f}</td>{f_cell}<td>{_e(_key_config(p.run))}</td>"
                     f"<td><code>{_e(p.run.run_id)}</code></td></tr>")
     rows.append("</table>")
     sec.html.append("\n".join(rows))
@@ -267,7 +269,7 @@ def generate_report(
                 figures.vn_ratio(data.vn_data(cl, trained, figures.MAX_PANELS), out, colors),
                 figures.search(data.search_data(source, optuna_storage, study), out),
                 figures.perturbation(trained, out, colors),
-                pareto_section(data.frontier(source.runs), out)]
+                pareto_section(data.frontier(source.runs, data.maximises_f(source.objective_name)), out)]
 
     reps = representatives(source.runs)
     stats: dict[str, int] = defaultdict(int)
