@@ -1,7 +1,7 @@
 """What a report reads: the job's runs from MLflow and its Optuna study, as typed rows.
 
-Everything that talks to the store lives here; :mod:`.figures` draws from these rows and
-:mod:`.page` writes the HTML, neither opens a client. Where the numbers come from: each run's
+Every query to the store lives here (:mod:`.page` makes the client and hands it over);
+:mod:`.figures` draws from these rows without touching the store. Where the numbers come from: each run's
 params are its flattened config (strings in MLflow: ``gar.name``, ``batch_size``,
 ``privacy.eps`` ...); its score is the metric ``max_cross_accuracy`` (the running maximum; older
 stores hold ``best_cross_accuracy``); the Optuna study is ``<tuneguard.results_dir tag>/optuna.db``

@@ -97,8 +97,9 @@ def _spread(values_by_seed: dict[str, list[float]]) -> tuple[float, float, float
     return mean(best), min(best), max(best), len(best)
 
 
-def _value_axis(ax, xs: list[float], log: bool | None = None) -> None:
-    """Log x scale when asked or when the values span 4x or more; ticks at the values when few."""
+def _value_axis(ax, xs: list[float], log: bool | None = None, fmt: str = "g") -> None:
+    """Log x scale when asked or when the values span 4x or more; ticks at the values when few,
+    labelled with the format spec ``fmt`` (".3g" for measured values such as an eps spent)."""
     from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter, NullLocator
 
     if not xs:
@@ -114,7 +115,7 @@ def _value_axis(ax, xs: list[float], log: bool | None = None) -> None:
             ticks.append(x)
     if len(ticks) <= 8:
         ax.xaxis.set_major_locator(FixedLocator(ticks))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:{fmt}}"))
         ax.xaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_minor_formatter(NullFormatter())
 
@@ -424,10 +425,8 @@ def _pareto_by_f(data: Frontier, out: Path) -> Section:
                 label=f"front of trials with f >= {f}")
     ax.scatter([p.eps for p in data.front], [p.objective for p in data.front], s=46, facecolors="none",
                edgecolors="black", lw=1.1, label="Pareto front (eps, objective, f)", zorder=4)
-    if max(p.eps for p in pts) / max(min(p.eps for p in pts), 1e-12) >= 10:
-        ax.set_xscale("log")
-    style_axes(ax, "total epsilon spent per worker (lower = more private)", "objective (max cross-accuracy)",
-               legend_loc="lower right")
+    _value_axis(ax, [p.eps for p in pts], fmt=".3g")  # log when eps spans 4x or more; ticks at the budgets when few
+    style_axes(ax, "total epsilon spent per worker (lower = more private)", "objective (max cross-accuracy)")
     _save(fig, out / "pareto_front.png")
     sec.figures.append(Figure("pareto_front.png", (
         "Each trial's objective against the total epsilon its runs spent (accountant, delta of the config), coloured "
