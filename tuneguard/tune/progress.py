@@ -84,6 +84,9 @@ class ProgressView(DriverBound, Callback):
     """Live view of a tune job's trials (see the module docstring)."""
 
     slot = "progress"
+    # A results dir written before DriverSettings existed unpickles its view without one (and
+    # not as the resuming driver's): it then draws on stdout with the defaults.
+    driver: DriverSettings = DriverSettings()
 
     def __init__(self, space_text: str, space_path: str | None, job_id: str, total: int,
                  driver: DriverSettings | None = None):
