@@ -115,3 +115,50 @@ def test_multi_objective_front_report_and_export_within_budget(example, tmp_path
     cli = CliRunner().invoke(app, ["export", "--tracking-uri", example["uri"], "--job", res.job_id, "--eps", "0.01",
                                    "-o", str(out)])
     assert cli.exit_code != 0 and "smallest total epsilon" in cli.output and not math.isnan(meta["score"])
+
+
+def test_three_objectives_front_per_f_report_and_export(ray_local, data_dir, tmp_path):
+    """accuracy_eps_f end to end on a tiny space: f in {1, 2} of 5 workers (median takes both)
+    and two budgets. Optuna's study maximises accuracy and f and minimises eps; the report draws
+    a front per f; export --eps takes the most accurate trial within the budget, larger f on ties."""
+    import tuneguard
+    from tuneguard.cli import app
+    from tuneguard.results.report import generate_report
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    space = tiny_frontier(f"tg-api-f-{uuid.uuid4().hex[:6]}")
+    space["search"] = {"f": [1, 2], "privacy.total_eps": [1.5, 64.0]}
+    space["tune"].update(objective="accuracy_eps_f", num_samples=4, log_best_model=False)
+    res = tuneguard.tune(space, tracking_uri=uri, results_dir=tmp_path / "job")
+    assert res.summary.completed == 4 and res.objective == "accuracy_eps_f"
+
+    study = optuna.load_study(study_name=res.job_id, storage=f"sqlite:///{tmp_path / 'job' / 'optuna.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE", "MAXIMIZE"]
+    trials = res.trials.set_index("trial")
+    for t in study.trials:  # the third value is the f the trial trained against
+        row = trials.loc[t.user_attrs["tuneguard_trial"]]
+        assert t.values[2] == t.params["f"] == row["f"] and t.values[0] == pytest.approx(row["objective"])
+
+    pts = [(r.eps_total, r.objective, r.f) for r in res.trials.itertuples()]
+    front = {(r.eps_total, r.objective, r.f) for r in res.frontier.itertuples()}
+    assert front and "f" in res.frontier.columns
+    for p in pts:  # the API's frontier is exactly the non-dominated set under the three objectives
+        beaten = any(q[0] <= p[0] and q[1] >= p[1] and q[2] >= p[2] and q != p for q in pts)
+        assert beaten == (p not in front), (p, front)
+
+    rep = generate_report(uri, job=res.job_id, out_dir=tmp_path / "report", log_artifacts=False)
+    page = rep.index.read_text()
+    # Optuna's seeded start (seed 0) asks (f 2, eps 1.5) and (f 2, eps 64) first: a trade-off to draw
+    assert len({(p[0], p[2]) for p in pts}) >= 2 and (tmp_path / "report" / "pareto_front.png").is_file()
+    table = page[page.index('<table id="front">'):]
+    assert "per tolerated f" in page and "<th>f</th>" in table
+    assert table[:table.index("</table>")].count("<tr>") == len(front) + 1  # header + one row per front trial
+
+    within = [r for r in res.trials.itertuples() if r.eps_total <= 2.0]
+    assert within, "Optuna asked for no budget-1.5 trial; change tune.seed"
+    expected = min(within, key=lambda r: (-r.objective, -r.f, r.eps_total))
+    out = tmp_path / "eps.yaml"
+    cli = CliRunner().invoke(app, ["export", "--tracking-uri", uri, "--job", res.job_id, "--eps", "2.0", "-o", str(out)])
+    assert cli.exit_code == 0, cli.output
+    meta = yaml.safe_load(out.read_text())["tuneguard_export"]
+    assert meta["run_id"] == expected.run_id and meta["eps_total"] <= 2.0

@@ -18,11 +18,11 @@ from tuneguard.tracking import RunTracker
 
 def make_job(uri: str, experiment: str, job_id: str, trials: list[dict]) -> str:
     """A parent run and, per trial, its runs: dicts with objective, gar, batch_size, and
-    optionally attack/representative/infeasible."""
+    optionally attack/representative/infeasible/f/eps_total."""
     parent = RunTracker(experiment, tracking_uri=uri, run_name=f"tune-{job_id}",
                         tags={"tuneguard.kind": "tune_job", "tuneguard.job": job_id})
     for i, t in enumerate(trials):
-        cfg = build_config({"dataset": "mnist", "n_workers": 7, "f": 1, "steps": 5, "gar": t["gar"],
+        cfg = build_config({"dataset": "mnist", "n_workers": 7, "f": t.get("f", 1), "steps": 5, "gar": t["gar"],
                             "batch_size": t["batch_size"], "attack": t.get("attack", "little"),
                             "privacy": {"mode": "total", "total_eps": 2.0}, "seed": 3})
         tags = {"tuneguard.kind": "trial", "tuneguard.job": job_id, "tuneguard.trial": t.get("trial", f"t{i}"),
@@ -37,7 +37,8 @@ def make_job(uri: str, experiment: str, job_id: str, trials: list[dict]) -> str:
         run.log_params(cfg.flat())
         run.log_text(cfg.to_yaml(), "config.yaml")
         run.log_metrics({"objective": t["objective"], "best_cross_accuracy": t.get("best", t["objective"]),
-                         "final_cross_accuracy": t.get("final", t["objective"] - 0.01)}, step=5)
+                         "final_cross_accuracy": t.get("final", t["objective"] - 0.01),
+                         **({"eps_total": t["eps_total"]} if "eps_total" in t else {})}, step=5)
         run.end()
     parent.end()
     return parent.run_id
@@ -102,6 +103,23 @@ def test_errors_say_what_is_missing(store, tmp_path, tracking_uri):
     make_job(tracking_uri, "exp-c", "job-empty", [{"objective": 0.0, "gar": "krum", "batch_size": 8, "infeasible": True}])
     with pytest.raises(ExportError, match="no completed, feasible trial"):
         export(tmp_path / "x.yaml", tracking_uri=tracking_uri)
+
+
+def test_eps_budget_takes_the_most_accurate_within_it_and_the_larger_f_on_ties(tracking_uri, tmp_path):
+    """accuracy_eps_f: within eps <= 2, trials b (f = 1) and c (f = 2) tie at 0.70; c tolerates
+    more attackers, so it wins; d is more accurate but over budget. Without f in the tie, the
+    more private of two equally accurate trials wins (the one on the Pareto front)."""
+    make_job(tracking_uri, "exp-f", "job-f", [
+        {"objective": 0.60, "gar": "median", "batch_size": 16, "trial": "a", "f": 2, "eps_total": 0.5},
+        {"objective": 0.70, "gar": "median", "batch_size": 16, "trial": "b", "f": 1, "eps_total": 1.0},
+        {"objective": 0.70, "gar": "median", "batch_size": 32, "trial": "c", "f": 2, "eps_total": 1.5},
+        {"objective": 0.90, "gar": "median", "batch_size": 64, "trial": "d", "f": 2, "eps_total": 8.0},
+        {"objective": 0.70, "gar": "median", "batch_size": 32, "trial": "e", "f": 1, "eps_total": 0.8},
+    ])
+    written = export(tmp_path / "f.yaml", tracking_uri=tracking_uri, eps=2.0, top=4)
+    assert [w.trial_id for w in written] == ["c", "e", "b", "a"]  # 0.70 f=2; 0.70 f=1 eps 0.8 < 1.0; 0.60
+    assert written[0].config["f"] == 2 and written[0].eps_total == 1.5
+    assert [w.trial_id for w in export(tmp_path / "all.yaml", tracking_uri=tracking_uri, top=2)] == ["d", "c"]
 
 
 def test_cli(store, tmp_path):

@@ -7,7 +7,7 @@ What the CLI does, as functions that return data instead of printing it::
     res = tuneguard.tune("search_spaces/quickstart.yaml", tune__num_samples=4)
     res.trials          # pandas DataFrame, one row per trial, best first
     res.best_config     # the searched point of the best trial
-    res.frontier        # the accuracy-privacy Pareto front (eps_total, objective) as a DataFrame
+    res.frontier        # the accuracy-privacy Pareto front (eps_total, objective[, f]) as a DataFrame
     res.run_ids         # every MLflow run of the job
     run = tuneguard.train(res.export("best.yaml"))   # retrain the best: same seed, same numbers
 
@@ -50,7 +50,7 @@ class TuneResults:
     parent_run_id: str
     objective: str
     trials: Any  # pandas.DataFrame
-    frontier: Any  # pandas.DataFrame
+    frontier: Any  # pandas.DataFrame: the Pareto-optimal trials, by eps_total (see the objective)
     best_config: dict[str, Any] | None
     best_objective: float | None
     best_run_id: str | None
@@ -97,7 +97,7 @@ def results(job: str | None = None, *, tracking_uri: str | None = None, experime
     from tuneguard.results import schema
     from tuneguard.results.export import find_job
     from tuneguard.tracking import client, resolve_tracking_uri
-    from tuneguard.tune.objectives import pareto_front
+    from tuneguard.tune.objectives import OBJECTIVES, pareto_front, pareto_front_f
 
     uri = resolve_tracking_uri(tracking_uri)
     cl = client(uri)
@@ -109,9 +109,11 @@ def results(job: str | None = None, *, tracking_uri: str | None = None, experime
     for r in runs:
         by_trial.setdefault(r.data.tags.get(schema.TRIAL, r.info.run_id), []).append(r)
     rows = []
+    tolerated: dict[str, int] = {}  # trial -> the f its runs trained against (param f)
     for trial_id, trial_runs in by_trial.items():
         rep = next((r for r in trial_runs if r.data.tags.get(schema.REPRESENTATIVE) == "1"), trial_runs[0])
         m, t = rep.data.metrics, rep.data.tags
+        tolerated[trial_id] = int(float(rep.data.params.get("f", 0) or 0))
         point = json.loads(t[schema.POINT]) if schema.POINT in t else {}
         rows.append({"trial": trial_id, "name": rep.info.run_name, "objective": m.get(schema.OBJECTIVE),
                      "eps_total": m.get(schema.EPS_TOTAL, math.inf if t.get(schema.REPRESENTATIVE) == "1" else None),
@@ -124,17 +126,22 @@ def results(job: str | None = None, *, tracking_uri: str | None = None, experime
                                     ignore_index=True)
     scored = trials[trials["representative"]] if len(trials) else trials
     best = scored.iloc[0] if len(scored) else None
+    objective = parent.data.tags.get(schema.OBJECTIVE_NAME, "max_cross_accuracy")
     pts = [(float(r.eps_total), float(r.objective), i) for i, r in scored.iterrows()
            if r.eps_total is not None and math.isfinite(float(r.eps_total)) and r.objective is not None]
-    front = pareto_front(pts)
-    frontier = scored.loc[[i for _, _, i in front]].reset_index(drop=True) if front else scored.iloc[0:0]
+    spec = OBJECTIVES.get(objective)
+    if spec is not None and spec.maximises_f:  # three objectives: the f a trial tolerates counts too
+        keep = [p[-1] for p in pareto_front_f([(e, o, tolerated[scored.loc[i, "trial"]], i) for e, o, i in pts])]
+    else:
+        keep = [i for _, _, i in pareto_front(pts)]
+    frontier = scored.loc[keep].reset_index(drop=True) if keep else scored.iloc[0:0]
     point_keys = [k for k in trials.columns if k not in ("trial", "name", "objective", "eps_total", "max_cross_accuracy",
                                                           "vn_bound_held_frac", "status", "representative", "run_id",
                                                           "run_ids")]
     return TuneResults(
         job_id=job_id, experiment=cl.get_experiment(parent.info.experiment_id).name, tracking_uri=uri,
         results_dir=parent.data.tags.get(schema.RESULTS_DIR, ""), parent_run_id=parent.info.run_id,
-        objective=parent.data.tags.get(schema.OBJECTIVE_NAME, "max_cross_accuracy"), trials=trials, frontier=frontier,
+        objective=objective, trials=trials, frontier=frontier,
         best_config=None if best is None else {k: _plain(best[k]) for k in point_keys if _present(best[k])},
         best_objective=None if best is None else float(best["objective"]),
         best_run_id=None if best is None else best["run_id"],

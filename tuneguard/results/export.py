@@ -2,8 +2,9 @@
 
 Where the numbers come from: every trial tags one of its MLflow runs as its representative
 (``tuneguard.representative = 1``; for worst_case the run of the worst attack, first seed) and
-logs the trial's ``objective`` on it. Export ranks those runs by ``objective`` and reads each
-one's ``config.yaml`` artifact (the exact config the run trained, types intact; MLflow params
+logs the trial's ``objective`` on it. Export ranks those runs by ``objective`` (ties: the larger
+tolerated f, then the smaller total epsilon, then the earlier trial) and reads each one's
+``config.yaml`` artifact (the exact config the run trained, types intact; MLflow params
 are strings), validated again with :func:`tuneguard.config.build_config`.
 
 File format (``tuneguard train`` and :func:`tuneguard.config.load_config` accept it as is)::
@@ -25,6 +26,7 @@ File format (``tuneguard train`` and :func:`tuneguard.config.load_config` accept
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass
@@ -73,16 +75,30 @@ def find_job(client, job: str | None = None, experiment: str | None = None):
     return runs[0]
 
 
+def rank_key(run) -> tuple:
+    """How export ranks a job's trials (their representative runs), best first: the objective
+    (higher), then, on a tie, the tolerated f (higher: as accurate against more attackers, see
+    the ``accuracy_eps_f`` objective), then the total epsilon (lower: as accurate for less
+    privacy spent; the trial on the Pareto front), then the start time (earlier)."""
+    m = run.data.metrics
+    try:
+        f = int(float(run.data.params.get("f", 0)))
+    except ValueError:
+        f = 0
+    eps = m.get(schema.EPS_TOTAL)
+    return (-m["objective"], -f, math.inf if eps is None else eps, run.info.start_time or 0)
+
+
 def best_runs(client, parent, top: int, eps: float | None = None) -> list:
-    """The representative runs of the job's feasible, completed trials, best objective first;
+    """The representative runs of the job's feasible, completed trials, best first (:func:`rank_key`);
     with ``eps``, only trials whose total epsilon (metric eps_total) is within that budget."""
     job = parent.data.tags[schema.JOB]
     flt = schema.tag_filter(job=job, kind=schema.KIND_TRIAL, representative="1")
     if eps is not None:
         flt += f" and metrics.{schema.EPS_TOTAL} <= {float(eps)!r}"
-    runs = client.search_runs([parent.info.experiment_id], filter_string=flt,
-                              order_by=["metrics.objective DESC", "attributes.start_time ASC"], max_results=max(top, 1))
-    return [r for r in runs if "objective" in r.data.metrics]
+    # Every candidate, not the first `top` by objective: the tie rules need the tied ones too.
+    runs = client.search_runs([parent.info.experiment_id], filter_string=flt, max_results=50_000)
+    return sorted((r for r in runs if "objective" in r.data.metrics), key=rank_key)[:max(top, 1)]
 
 
 def trial_runs(client, parent, trial_id: str) -> list:
@@ -130,7 +146,8 @@ def export(out: str | Path, *, tracking_uri: str | None = None, job: str | None 
            experiment: str | None = None, top: int = 1, eps: float | None = None) -> list[Exported]:
     """Write the ``top`` best configs of a job; returns what was written. With ``eps``: the most
     accurate trials whose total epsilon spent is at most ``eps`` (a point of the job's
-    accuracy-privacy front, see the ``accuracy_vs_eps`` objective)."""
+    accuracy-privacy front, see the ``accuracy_vs_eps`` objective); of equally accurate ones the
+    one tolerating the larger f, then the one spending less (:func:`rank_key`)."""
     from tuneguard.tracking import client as make_client
     from tuneguard.tracking import mask_uri, resolve_tracking_uri
 

@@ -82,6 +82,9 @@ LEGACY_BEST_CROSS_ACCURACY = "best_cross_accuracy"
 FINAL_CROSS_ACCURACY = "final_cross_accuracy"
 EPS_SPENT = "eps_spent"
 EPS_TOTAL = "eps_total"  # a trial's privacy cost: max over its runs of eps_spent (accuracy_vs_eps)
+# A trial's robustness: the Byzantine workers f its config trained against (accuracy_eps_f
+# maximises it; 0 for a trial that did not train). On MLflow runs it is the param ``f``.
+F_TOLERATED = "f_tolerated"
 RUN_SECONDS = "run_seconds"
 ACTOR_RESTARTS_METRIC = "actor_restarts"
 VN_SAMPLE = "vn_sample"

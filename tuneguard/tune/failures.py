@@ -17,6 +17,8 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.stopper import Stopper
 
+from tuneguard.tune.driver import DriverBound
+
 # Tokens holding a digit (trial ids, numbers, addresses, pids) vary between trials failing alike.
 _VOLATILE = re.compile(r"[\w.:/-]*\d[\w.:/-]*")
 
@@ -43,8 +45,12 @@ def signature(text: str) -> str:
     return _VOLATILE.sub("#", headline(text))
 
 
-class FailureGuard(Callback, Stopper):
-    """Stops the job after ``limit`` trials failed with the same error (0: never)."""
+class FailureGuard(DriverBound, Callback, Stopper):
+    """Stops the job after ``limit`` trials failed with the same error (0: never). The driver
+    reads ``reason`` and ``first`` after ``fit()``; a resumed job runs with the resuming driver's
+    guard (:mod:`tuneguard.tune.driver`), so it reads them there too."""
+
+    slot = "guard"
 
     def __init__(self, limit: int = 3):
         self.limit = int(limit)

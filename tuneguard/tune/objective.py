@@ -308,7 +308,8 @@ def _intermediate(lock: Lockstep, specs, done: dict[str, dict[str, Any]]) -> dic
     out = TrialReport(
         objective=aggregate(best, specs), cross_accuracy=min(_finite(v) for v in acc.values()), step=step,
         worst_attack=worst.attack, eps_spent=max(_finite(v) for v in eps.values()) if eps else None,
-        eps_total=eps_total(eps),  # Tune checks every report carries each searched metric
+        # Tune checks every report carries each searched metric
+        eps_total=eps_total(eps), f_tolerated=specs[0].cfg.f,
         vn_submit=_finite(vn[worst.key], math.nan) if worst.key in vn else None)
     return out.to_tune()
 
@@ -391,7 +392,10 @@ def _finish(job: JobContext, space, specs, summaries: dict[str, dict[str, Any]],
         eps_spent=max(eps) if eps else None,
         diverged=sum(summaries[s.key]["status"] == "DIVERGED" for s in specs),
         # The privacy side of the trial (accuracy_vs_eps minimises it): inf without DP or when infeasible.
-        eps_total=math.inf if infeasible else eps_total({s.key: summaries[s.key]["eps_spent"] for s in specs}))
+        eps_total=math.inf if infeasible else eps_total({s.key: summaries[s.key]["eps_spent"] for s in specs}),
+        # Its robustness side (accuracy_eps_f maximises it): the f its runs trained against (one f
+        # per trial: attacks and seeds vary, f does not); none when it could not train.
+        f_tolerated=0 if infeasible else specs[0].cfg.f)
     metrics = report.to_tune()
     cl = client(job.tracking_uri)
     from mlflow.entities import Metric, RunTag

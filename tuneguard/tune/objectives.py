@@ -14,9 +14,25 @@ how trials compare (the Tune metrics and their modes, which Optuna turns into di
   accuracy trade-off instead, with Optuna's multi-objective TPE through Ray Tune's OptunaSearch
   (a list of metrics and modes), and the report draws the Pareto front. Search a privacy knob
   (``privacy.total_eps``, ``privacy.eps``, ``privacy.sigma`` or ``batch_size``) so eps varies.
+- ``accuracy_eps_f`` (three objectives): accuracy_vs_eps, and also the tolerated number of
+  Byzantine workers f_tolerated = the f the trial's config trained against (maximised; 0 for a
+  trial that did not train). The accuracy already measures how well the config held up against
+  those f workers, so the front answers "how accurate, at what privacy cost, against how many
+  attackers". The space must search ``f`` (e.g. ``f: [1, 2, 3]``); combinations a GAR cannot
+  take (median, MDA: n >= 2f + 1; Krum: n >= 2f + 3; Bulyan: n >= 4f + 3) are excluded as usual.
 
-The reported Tune keys: OBJECTIVE ("objective", the accuracy score) always, EPS_TOTAL
-("eps_total") for multi-objective entries; a trial without DP has eps_total = inf (no guarantee).
+The reported Tune keys: OBJECTIVE ("objective", the accuracy score), EPS_TOTAL ("eps_total") and
+F_TOLERATED ("f_tolerated"), on every report (Tune checks each searched metric is there); a
+trial without DP has eps_total = inf (no guarantee).
+
+The fronts (:func:`pareto_front`, :func:`pareto_front_f`, :func:`fronts_by_f`): a point p is
+dominated when another q is at least as good on every objective and better on one,
+
+    q dominates p  <=>  eps_q <= eps_p, acc_q >= acc_p, (f_q >= f_p,) and q != p on one of them,
+
+and a front is the set of points nothing dominates. Of points equal on every objective, one is
+kept (the first given). With f, points equal in (eps, accuracy) differ only in f, so the larger
+f dominates: that is the tie rule of ``tuneguard export --eps`` as well.
 """
 
 from __future__ import annotations
@@ -26,7 +42,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from tuneguard.results.schema import EPS_TOTAL, OBJECTIVE
+from tuneguard.results.schema import EPS_TOTAL, F_TOLERATED, OBJECTIVE
 
 
 def _finite(x: Any, default: float = 0.0) -> float:
@@ -73,6 +89,11 @@ class ObjectiveSpec:
     def search_mode(self) -> str | list[str]:
         return list(self.modes) if self.multi else self.modes[0]
 
+    @property
+    def maximises_f(self) -> bool:
+        """Whether the tolerated f is an objective (the space must then search f)."""
+        return F_TOLERATED in self.metrics
+
 
 OBJECTIVES: dict[str, ObjectiveSpec] = {}
 
@@ -96,6 +117,11 @@ register(ObjectiveSpec(
     "accuracy_vs_eps", "Pareto front of worst-case max cross-accuracy (max) against total epsilon spent (min)",
     every_attack=True, metrics=(OBJECTIVE, EPS_TOTAL), modes=("max", "min"),
     paper="001 Theorem 1 (the privacy cost) x section 4 (robustness under attack)"))
+register(ObjectiveSpec(
+    "accuracy_eps_f", "Pareto front of worst-case max cross-accuracy (max), total epsilon spent (min) and the "
+    "Byzantine workers f tolerated (max); the space searches f",
+    every_attack=True, metrics=(OBJECTIVE, EPS_TOTAL, F_TOLERATED), modes=("max", "min", "max"),
+    paper="001 Theorem 1 x section 4, with f in {3, 6} as in 001's grid"))
 
 
 def get(name: str) -> ObjectiveSpec:
@@ -113,3 +139,34 @@ def pareto_front(points: Sequence[tuple[float, float, Any]]) -> list[tuple[float
         if not front or acc > front[-1][1]:
             front.append((eps, acc, payload))
     return front
+
+
+def _dominates(q: tuple[float, float, int, Any], p: tuple[float, float, int, Any]) -> bool:
+    """q at least as good as p on (eps min, accuracy max, f max) and better on one."""
+    return q[0] <= p[0] and q[1] >= p[1] and q[2] >= p[2] and (q[0], q[1], q[2]) != (p[0], p[1], p[2])
+
+
+def pareto_front_f(points: Sequence[tuple[float, float, int, Any]]) -> list[tuple[float, float, int, Any]]:
+    """The non-dominated (eps, accuracy, f, payload) points under three objectives: eps (min),
+    accuracy (max), f (max); of points equal on all three, the first given. Sorted by eps, then
+    accuracy and f descending. Quadratic in the number of trials (a job has hundreds at most)."""
+    front: list[tuple[float, float, int, Any]] = []
+    for i, p in enumerate(points):
+        if any(_dominates(q, p) for q in points):
+            continue
+        if any((q[0], q[1], q[2]) == (p[0], p[1], p[2]) for q in points[:i]):
+            continue
+        front.append(p)
+    return sorted(front, key=lambda p: (p[0], -p[1], -p[2]))
+
+
+def fronts_by_f(points: Sequence[tuple[float, float, int, Any]]) -> dict[int, list[tuple[float, float, int, Any]]]:
+    """For each f level F of the points, the (eps, accuracy) front of the points that tolerate at
+    least F Byzantine workers (f >= F): the trade-off open to a user who must tolerate F. Of
+    points equal in (eps, accuracy), the one with the larger f stays. Every point of
+    :func:`pareto_front_f` lies on the front of its own f level."""
+    out: dict[int, list[tuple[float, float, int, Any]]] = {}
+    for level in sorted({p[2] for p in points}):
+        eligible = sorted((p for p in points if p[2] >= level), key=lambda p: -p[2])  # stable: larger f first on ties
+        out[level] = [p for _, _, p in pareto_front([(p[0], p[1], p) for p in eligible])]
+    return out

@@ -1,11 +1,12 @@
 """The driver side of a tune job: a live terminal view of the trials, and the job's MLflow run
 kept up to date as trials finish.
 
-Both are Ray Tune callbacks. Tune pickles its run config (callbacks included) into the
-experiment state so ``Tuner.restore`` can bring them back; they therefore hold only plain data
-(the job info, the space text) and build their console, MLflow client and counters in
-``setup``. What differs between the process that started a job and the one resuming it (the
-console, whether to draw at all) comes from :func:`configure`, called by the driver.
+Both are Ray Tune callbacks built by the driver (:mod:`tuneguard.tune.search`) with what they
+need: the job info, the space text and, for the view, the driver's :class:`DriverSettings`
+(console, whether to draw, trials at once). They build their console, MLflow client and counters
+in ``setup`` and never write back to the driver, which reads a job's outcome from Tune's own
+``ResultGrid``. Tune pickles them into the experiment state; :mod:`tuneguard.tune.driver` makes a
+resumed job (``Tuner.restore``) run with the resuming driver's own callbacks, not stale copies.
 
 The view (instead of Tune's verbose tables): status counts, the best objective so far with its
 config, the running trials with their step and objective, elapsed time and an ETA (mean trial
@@ -25,8 +26,7 @@ from typing import Any
 from ray.tune import Callback
 
 from tuneguard.results import schema
-
-_DRIVER: dict[str, Any] = {}
+from tuneguard.tune.driver import DriverBound, DriverSettings
 
 
 def plain_every_s() -> float:
@@ -37,26 +37,6 @@ def plain_every_s() -> float:
         return max(0.0, float(os.environ.get("TUNEGUARD_PROGRESS_EVERY", "30")))
     except ValueError:
         return 30.0
-
-
-def configure(*, console=None, enabled: bool = True, concurrency: int | None = None) -> None:
-    """Driver-process settings the (possibly unpickled) callbacks read in ``setup``."""
-    _DRIVER.update(console=console, enabled=enabled, concurrency=concurrency, complete=None, trial_ids=None)
-    # Ray is up by now and has put its own SIGTERM handler in place: restore the CLI's (SIGTERM
-    # stops the job like Ctrl-C, see tuneguard/cli/signals.py).
-    from tuneguard.cli.signals import reassert
-
-    reassert()
-
-
-def job_completed() -> bool | None:
-    """Whether the last job in this process ran every trial to the end (None: unknown)."""
-    return _DRIVER.get("complete")
-
-
-def job_trial_ids() -> list[str] | None:
-    """The Tune trial ids of the last job in this process (None: unknown)."""
-    return _DRIVER.get("trial_ids")
 
 
 def _space(text: str, path: str | None):
@@ -100,28 +80,33 @@ def outcome(result: dict[str, Any] | None) -> str:
     return TrialReport.of(result).outcome
 
 
-class ProgressView(Callback):
+class ProgressView(DriverBound, Callback):
     """Live view of a tune job's trials (see the module docstring)."""
 
-    def __init__(self, space_text: str, space_path: str | None, job_id: str, total: int):
+    slot = "progress"
+    # A results dir written before DriverSettings existed unpickles its view without one (and
+    # not as the resuming driver's): it then draws on stdout with the defaults.
+    driver: DriverSettings = DriverSettings()
+
+    def __init__(self, space_text: str, space_path: str | None, job_id: str, total: int,
+                 driver: DriverSettings | None = None):
         self.space_text = space_text
         self.space_path = space_path
         self.job_id = job_id
         self.total = total
+        self.driver = driver or DriverSettings()
         self._runtime: dict[str, Any] | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_runtime"] = None
-        return state
+    def plain_state(self) -> dict[str, Any]:
+        return {**self.__dict__, "_runtime": None}
 
     # setup ----------------------------------------------------------------------------------
     def setup(self, **info: Any) -> None:
         from rich.console import Console
 
-        console = _DRIVER.get("console") or Console()
+        console = self.driver.console or Console()
         self._runtime = {
-            "console": console, "enabled": _DRIVER.get("enabled", True), "conc": _DRIVER.get("concurrency") or 1,
+            "console": console, "enabled": self.driver.progress, "conc": self.driver.concurrency or 1,
             "space": _space(self.space_text, self.space_path), "start": time.time(), "started": {},
             "durations": [], "latest": {}, "best": None, "live": None, "last_draw": 0.0, "outcomes": {},
             "last_line": time.time(),
@@ -280,24 +265,22 @@ class ProgressView(Callback):
         return Group(*parts)
 
 
-class JobTracker(Callback):
+class JobTracker(DriverBound, Callback):
     """Keeps the job's MLflow run current: best objective so far (metric ``best_objective`` and
     tags ``best_run_id``, ``best_trial_id``, ``best_config``), trial counts, and closes the runs
     of trials ASHA stopped (their process is gone before they can)."""
 
-    def __init__(self, tracking_uri: str, parent_run_id: str, space_text: str, space_path: str | None,
-                 total: int | None = None):
-        self.total = total
+    slot = "tracker"
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, space_text: str, space_path: str | None):
         self.tracking_uri = tracking_uri
         self.parent_run_id = parent_run_id
         self.space_text = space_text
         self.space_path = space_path
         self._runtime: dict[str, Any] | None = None
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = self.__dict__.copy()
-        state["_runtime"] = None
-        return state
+    def plain_state(self) -> dict[str, Any]:
+        return {**self.__dict__, "_runtime": None}
 
     def setup(self, **info: Any) -> None:
         from tuneguard.tracking import client
@@ -347,12 +330,6 @@ class JobTracker(Callback):
                     ])
         except Exception:  # noqa: BLE001 - bookkeeping must not stop the job
             pass
-
-    def on_experiment_end(self, trials: list, **info: Any) -> None:
-        """Tell the driver whether the job ran to the end (Ctrl-C makes Tune return early)."""
-        finished = all(t.status in ("TERMINATED", "ERROR") for t in trials)
-        _DRIVER["complete"] = finished and (self.total is None or len(trials) >= self.total)
-        _DRIVER["trial_ids"] = [t.trial_id for t in trials]
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         try:

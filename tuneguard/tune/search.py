@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneguard.results import schema
+from tuneguard.tune.driver import DriverSettings
 from tuneguard.tune.objective import JobContext
 from tuneguard.tune.space import Space, SpaceError, n_reports
 
@@ -364,11 +365,27 @@ def _param_space(space: Space) -> dict[str, Any]:
     return {"point": tune.grid_search([space.encode(p) for p in space.report.points])}
 
 
-def _callbacks(space: Space, info: JobInfo):
+def _callbacks(space: Space, info: JobInfo, driver: DriverSettings):
     from tuneguard.tune.progress import JobTracker, ProgressView
 
-    return [JobTracker(info.tracking_uri, info.parent_run_id, space.text, space.path, info.total_trials),
-            ProgressView(space.text, space.path, info.job_id, info.total_trials)]
+    return [JobTracker(info.tracking_uri, info.parent_run_id, space.text, space.path),
+            ProgressView(space.text, space.path, info.job_id, info.total_trials, driver)]
+
+
+def ran_to_the_end(grid, total: int) -> bool:
+    """Whether Tune ran all ``total`` trials of a job to the end (TERMINATED or ERROR), read from
+    the ``ResultGrid`` of ``fit()`` (after a restore it holds the restored trials too). Ctrl-C
+    or SIGTERM makes ``fit()`` return early, with trials still pending or running."""
+    return grid is not None and len(grid) >= total and grid.num_terminated + grid.num_errors == len(grid)
+
+
+def tune_trial_ids(grid) -> set[str] | None:
+    """The Tune trial ids of a job's ``ResultGrid`` (every result carries ``trial_id``, reported or
+    not); None when unknown."""
+    if grid is None:
+        return None
+    ids = {(r.metrics or {}).get("trial_id") for r in grid}
+    return None if None in ids else {str(i) for i in ids}
 
 
 # --------------------------------------------------------------------------------------------
@@ -563,18 +580,24 @@ def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, con
             console.print(f"[dim]ray: {cluster_cpus:g} CPUs, {per_trial:g} per trial -> up to {conc} trial(s) at once; "
                           f"engine {space.representative_config().engine}[/]")
         trainable = _trainable(space, job)
-        from tuneguard.tune.progress import configure
+        # Ray is up by now and has put its own SIGTERM handler in place: restore the CLI's
+        # (SIGTERM stops the job like Ctrl-C, see tuneguard/cli/signals.py).
+        from tuneguard.cli.signals import reassert
 
-        configure(console=console, enabled=progress, concurrency=conc)
-        callbacks = [*_callbacks(space, info), guard]
+        reassert()
+        callbacks = [*_callbacks(space, info, DriverSettings(console, progress, conc)), guard]
         run_config = tune.RunConfig(
             name=TUNE_DIR, storage_path=str(rdir), verbose=0, callbacks=callbacks, stop=guard,
             failure_config=tune.FailureConfig(max_failures=space.tune.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
         )
         if restore:
-            # The run config (our callbacks included) comes back from the experiment state.
-            tuner = Tuner.restore(str(rdir / TUNE_DIR), trainable=trainable, resume_errored=True)
+            # The run config comes back from the experiment state; its callbacks unpickle as
+            # these, this driver's own (see tuneguard/tune/driver.py).
+            from tuneguard.tune.driver import restoring
+
+            with restoring(callbacks):
+                tuner = Tuner.restore(str(rdir / TUNE_DIR), trainable=trainable, resume_errored=True)
         else:
             tuner = Tuner(
                 trainable,
@@ -599,21 +622,17 @@ def _run_job(space: Space, info: JobInfo, *, address, concurrency, progress, con
             grid = tuner.fit()
         except KeyboardInterrupt:
             interrupted = True
-        from tuneguard.tune.progress import job_completed
-
-        # Ctrl-C: Tune saves its state and returns normally; the tracker saw unfinished trials.
+        # Ctrl-C: Tune saves its state and returns normally, with unfinished trials.
         # A job the failure guard stopped is finished (failed), not interrupted.
-        interrupted = interrupted or (job_completed() is False and guard.reason is None)
+        interrupted = interrupted or (not ran_to_the_end(grid, info.total_trials) and guard.reason is None)
     finally:
         conn.close()
     if not interrupted:
-        from tuneguard.tune.progress import job_trial_ids
-
         if space.tune.mode == "optuna":
             close_stale_study_trials(rdir, info.study_name, _finished_values(grid, space.objective.search_metric()))
-        trial_ids = job_trial_ids()
+        trial_ids = tune_trial_ids(grid)
         if trial_ids is not None:
-            reconcile_runs(info, set(trial_ids))
+            reconcile_runs(info, trial_ids)
     summary = _summarise(space, info, grid, time.time() - start, interrupted)
     summary.stop_reason = guard.reason
     if guard.first is not None and summary.first_error is None:

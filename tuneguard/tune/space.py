@@ -107,7 +107,8 @@ class TuneSettings(_Strict):
     seed: int = Field(0, ge=0, le=2**32 - 1, description="seed of Optuna's TPE sampler")
     seeds: list[int] | None = Field(None, description="training seeds each config runs with; the objective averages them")
     objective: str = Field("max_cross_accuracy", description="an entry of tuneguard.tune.objectives.OBJECTIVES: "
-                           "max_cross_accuracy | worst_case | accuracy_vs_eps (Pareto front, multi-objective)")
+                           "max_cross_accuracy | worst_case | accuracy_vs_eps (Pareto front, multi-objective) | "
+                           "accuracy_eps_f (also maximises the tolerated f, which the search must vary)")
     engine: Literal["local", "actors"] | None = Field(
         None, description="overrides base.engine; when neither is set, tune jobs use the local engine")
     cpus_per_trial: float = Field(1.0, gt=0, le=4096, description="CPUs a trial reserves in all (actors: shared by "
@@ -720,6 +721,14 @@ class Space:
         if spec.multi and self.tune.mode == "optuna" and self.tune.scheduler == "asha":
             raise SpaceError(f"tune.objective {spec.name} is multi-objective; ASHA stops trials on one metric, so "
                              "use tune.scheduler: none")
+        if spec.maximises_f:
+            fs = {v for grid in self.grids for p in grid if p.path == "f" for v in p.candidates()}
+            if len(fs) < 2:
+                raise SpaceError(
+                    f"tune.objective {spec.name} maximises the tolerated number of Byzantine workers f, so the search "
+                    f"must vary f; {'it only takes f = ' + str(next(iter(fs))) if fs else 'f is not searched'}. Add "
+                    "e.g. search: {f: [1, 2, 3]} (each GAR excludes the f it cannot take: median and MDA need "
+                    "n >= 2f + 1, Krum n >= 2f + 3, Bulyan n >= 4f + 3), or use objective: accuracy_vs_eps")
         if spec.every_attack and (attacks or self.tune.objective == "worst_case"):
             if not attacks:
                 raise SpaceError("tune.objective: worst_case needs the attack set in scenario.attacks (two or more attacks)")

@@ -4,7 +4,8 @@ The trainable (:mod:`tuneguard.tune.objective`) builds a :class:`TrialReport` at
 step and at the end and hands ``report.to_tune()`` to ``tune.report``; the driver side (the
 job summary, the progress view, the MLflow job tracker) reads Tune's results back with
 :meth:`TrialReport.of`. Tune needs a flat dict of numbers and strings; the searched metrics are
-``objective`` and, for multi-objective entries, ``eps_total`` (see tune/objectives.py).
+``objective`` and, for multi-objective entries, ``eps_total`` and ``f_tolerated`` (see
+tune/objectives.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class TrialReport:
     objective: float  # the objective's accuracy score so far (mean over seeds of min over attacks)
     step: int = 0
     eps_total: float = math.inf  # the trial's privacy cost (accuracy_vs_eps minimises it)
+    f_tolerated: int = 0  # the Byzantine workers its config trained against (accuracy_eps_f maximises it)
     trial_done: int = 0  # 1 on the final report
     infeasible: int = 0  # the privacy budget cannot be met by this config
     excluded: int = 0  # a combination the GAR cannot take (or an invalid config)
