@@ -60,3 +60,15 @@ def test_outside_a_restore_a_callback_unpickles_as_a_copy_without_the_console():
     with restoring([guard]):  # only the slots the driver hands over are bound
         bound = pickle.loads(pickle.dumps([view, guard]))
     assert bound[1] is guard and bound[0] is not view
+
+
+def test_the_tracker_pickles_no_credentials():
+    """Tune writes the callbacks into tuner.pkl on disk: the job tracker's copy carries the URI
+    masked, while a resumed job binds the resuming driver's tracker (the URI given again)."""
+    uri = "http://alice:s3cret@mlflow.example:5000"
+    tracker = JobTracker(uri, "parent-run", SPACE, None)
+    blob = pickle.dumps(tracker)
+    assert b"s3cret" not in blob
+    assert pickle.loads(blob).tracking_uri == "http://alice:***@mlflow.example:5000"
+    with restoring([tracker]):
+        assert pickle.loads(blob) is tracker and tracker.tracking_uri == uri

@@ -280,7 +280,11 @@ class JobTracker(DriverBound, Callback):
         self._runtime: dict[str, Any] | None = None
 
     def plain_state(self) -> dict[str, Any]:
-        return {**self.__dict__, "_runtime": None}
+        # Tune writes this state into tuner.pkl on disk: no password or token in it. A resumed job
+        # runs the resuming driver's tracker (tune/driver.py), built from the URI given again.
+        from tuneguard.tracking import mask_uri
+
+        return {**self.__dict__, "_runtime": None, "tracking_uri": mask_uri(self.tracking_uri)}
 
     def setup(self, **info: Any) -> None:
         from tuneguard.tracking import client
