@@ -256,7 +256,11 @@ def test_ui_optuna_serves_the_jobs_study_next_to_mlflow(built, tmp_path):
     finally:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGINT)
-        proc.wait(timeout=30)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:  # leave no server behind (its own session: kill them all)
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
     assert proc.returncode == 0, out.read_text()
     for p in (port, port + 1):
         with pytest.raises(OSError):
