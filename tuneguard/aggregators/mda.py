@@ -25,6 +25,9 @@ there is no approximate fallback. n = 15 needs at most 6,435 x 78 (f = 7).
 _CHUNK_ELEMENTS = 1 << 22
 # Up to this n an f-set is an int64 bitmask and "pair touches E" is one bitwise AND.
 _BITMASK_MAX_N = 62
+# Up to this many (f-set, lead pair) checks the smallest-diameter sets come from one [sets,
+# pairs] table instead of the pair-by-pair filter.
+_ONE_SHOT = 1 << 16
 
 
 def search_size(n: int, f: int) -> int:
@@ -56,6 +59,12 @@ def _exclusion_sets(n: int, f: int) -> Tensor:
         new = last.repeat_interleave(count) + 1 + within
         cur = torch.cat([cur.repeat_interleave(count, dim=0), new[:, None]], dim=1)
     return cur.to(torch.int16 if n <= torch.iinfo(torch.int16).max else torch.int32)
+
+
+@functools.lru_cache(maxsize=8)
+def _pairs(n: int, device: torch.device) -> Tensor:
+    """``triu_indices(n, n, 1)``: the pairs i < j, row-major."""
+    return torch.triu_indices(n, n, 1, device=device)
 
 
 @functools.lru_cache(maxsize=8)
@@ -98,7 +107,7 @@ def mda(vectors: Tensor, f: int) -> Tensor:
     device = vectors.device
     geo = geometry(vectors)
     sqdist = geo.sqdist
-    iu = torch.triu_indices(n, n, 1, device=device)
+    iu = _pairs(n, device)
     pair_d = sqdist[iu[0], iu[1]]
     order = torch.argsort(pair_d, descending=True)[: _lead_pairs(n, f)]
     pa, pb, pd = iu[0][order], iu[1][order], pair_d[order]
@@ -157,6 +166,14 @@ def _smallest_diameter_sets(masks: Tensor, pair_bits: Tensor, pd: Tensor) -> Ten
     geometrically, so this touches a few times C(n, f) masks instead of C(n, f) x the lead
     pairs of the one-shot scan.
     """
+    if masks.shape[0] * pair_bits.shape[0] <= _ONE_SHOT:
+        # Few sets x pairs (n = 15, f = 3: 455 x 40): the same selection in a handful of ops.
+        # A set's first untouched pair is where the filter would drop it; the winners are the
+        # sets that outlive every pair before the first one at the last such pair's distance.
+        untouched = ((masks[:, None] & pair_bits) == 0).to(torch.uint8)
+        first_miss = untouched.argmax(dim=1)  # the first maximum: every set misses some pair
+        start = (pd > pd[first_miss.max()]).sum()
+        return (first_miss >= start).nonzero().squeeze(1)
     alive = torch.arange(masks.shape[0], device=masks.device)
     alive_masks = masks
     history = [alive]
