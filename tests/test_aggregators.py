@@ -784,6 +784,18 @@ def test_repeated_rows_share_one_gram_row_and_sit_at_distance_zero():
     for name in ("mda", "krum", "multi_krum", "bulyan", "nnm+krum"):
         f = 2 if name == "bulyan" else 3
         assert torch.allclose(aggregate(name, x, f).double(), aggregate(name, x.double(), f), rtol=0, atol=1e-6), name
+    # Rows repeated in groups (NNM's outputs: rows with the same neighbours are equal) at a
+    # model-sized d, a far row among them: MDA must break its exact ties by the definition.
+    # Rounding noise on the distance between two copies (a Gram matrix of all rows) made it
+    # pick a set 0.017 away from the brute-force one on this input.
+    from tuneguard.aggregators.pre import nnm
+
+    z = torch.randn(19, 2000, generator=torch.Generator().manual_seed(1))
+    z[0] = float("nan")
+    y = nnm(z, 2)
+    y[0] = 1e6
+    assert len(set(map(tuple, y.tolist()))) == 7  # 19 rows, 7 distinct
+    assert torch.allclose(aggregate("mda", y, 2).double(), _reference_mda(y, 2).double(), rtol=0, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------
