@@ -118,7 +118,7 @@ def mda(vectors: Tensor, f: int) -> Tensor:
         pair_bits = (np.int64(1) << pa) | (np.int64(1) << pb)
         tied = _smallest_diameter_sets(masks, pair_bits, pd)
         _, _, j = _break_tie(sq, row_sum, sets_np[tied])
-        return _mean_without(vectors, sets_np[tied[j]])
+        return _mean_without(vectors, sets_np[tied[j]], bool(geo.bad.any()))
 
     # Larger n: every set against every lead pair, in chunks, on the input's device.
     sets = _exclusion_sets(n, f).to(device)
@@ -143,15 +143,21 @@ def mda(vectors: Tensor, f: int) -> Tensor:
         if best is None or candidate[:-1] < best[:-1]:
             best = candidate
     assert best is not None
-    return _mean_without(vectors, sets[best[-1]].long().cpu().numpy())
+    return _mean_without(vectors, sets[best[-1]].long().cpu().numpy(), bool(geo.bad.any()))
 
 
-def _mean_without(vectors: Tensor, excluded_set: np.ndarray) -> Tensor:
-    """Mean of the rows not in ``excluded_set``; index_select is ~2x faster than a boolean
-    mask on CPU (same rows, same order, same numbers)."""
+def _mean_without(vectors: Tensor, excluded_set: np.ndarray, any_bad: bool) -> Tensor:
+    """Mean of the rows not in ``excluded_set``: one weighted sum over all n rows (weight
+    1 / (n - f) on the kept ones, a matrix-vector product: one read of the rows, no copy of
+    the kept ones). When some row is non-finite (0 * NaN would be NaN) the kept rows are
+    gathered and averaged instead."""
+    n = vectors.shape[0]
     out = set(excluded_set.tolist())
-    keep = [i for i in range(vectors.shape[0]) if i not in out]
-    return vectors.index_select(0, torch.tensor(keep, device=vectors.device)).mean(dim=0)
+    keep = [i for i in range(n) if i not in out]
+    if any_bad:
+        return vectors.index_select(0, torch.tensor(keep, device=vectors.device)).mean(dim=0)
+    weights = [1.0 / len(keep) if i not in out else 0.0 for i in range(n)]
+    return torch.tensor(weights, dtype=vectors.dtype, device=vectors.device) @ vectors
 
 
 def _smallest_diameter_sets(masks: np.ndarray, pair_bits: np.ndarray, pd: np.ndarray) -> np.ndarray:
