@@ -9,7 +9,7 @@ import torch
 
 from tuneguard.training.context import RunContext
 from tuneguard.training.metrics import evaluate
-from tuneguard.training.server import server_step
+from tuneguard.training.server import honest_summary, server_step
 from tuneguard.training.step import WorkerOutput, byzantine_vectors, worker_round
 
 
@@ -63,12 +63,16 @@ class LocalEngine:
             flipped = worker_round(ctx, state.theta, state.byz_momentum, byz_ids, t, flip=True,
                                    submit_out=stacked[h:] if one_group else None)
         byz = byzantine_vectors(ctx, honest.submit, t, flipped, gar=ctx.gar)
+        # Before the Byzantine rows land next to the honest ones: writing them bumps the version
+        # counter the honest rows' view shares, and the metrics would then read the honest
+        # rows again instead of reusing the attack's pass over them (tuneguard._rowstats).
+        summary = honest_summary(honest)
         if stacked is not None:
             if n == h:
                 stacked = stacked[:h]
             elif byz.data_ptr() != stacked[h:].data_ptr():  # label flippers wrote their rows in place
                 stacked[h:].copy_(byz)
-        theta, metrics = server_step(ctx, state.theta, honest, byz, t, stacked=stacked)
+        theta, metrics = server_step(ctx, state.theta, honest, byz, t, summary=summary, stacked=stacked)
         new_state = TrainState(theta, honest.momentum, flipped.momentum if flipped is not None else None)
         return new_state, metrics
 

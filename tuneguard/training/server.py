@@ -35,7 +35,9 @@ class HonestSummary:
 
 
 def honest_summary(honest: WorkerOutput) -> HonestSummary:
-    submit = Moments.of(honest.submit)
+    # the submissions' moments from the same one-pass statistics the little attack reads
+    # (computed once a step when both run in this process)
+    submit = Moments.of_deviations(honest.submit)
     return HonestSummary(submit.mean, honest_metrics(honest.sample, submit, honest.loss, honest.grad_norm,
                                                      honest.clipped_frac))
 
