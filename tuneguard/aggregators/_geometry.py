@@ -194,6 +194,8 @@ def geometry(x: Tensor, center: Tensor | None = None, *, gram_dtype: torch.dtype
         gram = _gram64(y[lo:hi] if hi - lo == len(distinct) else y[distinct])[index][:, index]
     else:
         gram = _gram64(y)
+    if x.device.type == "cpu":
+        return _finish_cpu(center, x, y, gram, bad, row_sum)
     gram = 0.5 * (gram + gram.T)  # exactly symmetric, so tied distances compare equal
     sq = gram.diagonal()
     # A finite vector whose squared norm overflows (or nearly) is as unusable as a NaN one.
@@ -216,6 +218,30 @@ def geometry(x: Tensor, center: Tensor | None = None, *, gram_dtype: torch.dtype
         sqdist.fill_diagonal_(0.0)
     row_sum = torch.where(bad, torch.zeros((), dtype=row_sum.dtype, device=x.device), row_sum)
     return Geometry(center, y, gram, sqdist, bad, row_sum.to(torch.float64))
+
+
+def _finish_cpu(center: Tensor | None, x: Tensor, y: Tensor, gram: Tensor, bad: Tensor, row_sum: Tensor) -> Geometry:
+    """The rest of :func:`geometry` on CPU: the same float64 arithmetic on the [n, n] matrices,
+    in numpy (a dozen small torch ops cost ~0.5 ms a call in dispatch alone); the outputs are
+    torch tensors sharing the arrays' memory."""
+    g = gram.numpy()
+    b = bad.numpy().copy()
+    g = 0.5 * (g + g.T)  # exactly symmetric, so tied distances compare equal
+    sq = np.diagonal(g)
+    # A finite vector whose squared norm overflows (or nearly) is as unusable as a NaN one.
+    huge = ~np.isfinite(sq) | (sq > np.finfo(np.float64).max / 8)
+    if huge.any():
+        b |= huge
+        g = np.where(~b[:, None] & ~b[None, :], g, 0.0)
+        sq = np.diagonal(g)
+        y = torch.where(torch.from_numpy(b)[:, None], torch.zeros((), dtype=x.dtype), y)
+    sqdist = np.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
+    np.fill_diagonal(sqdist, 0.0)
+    if b.any():
+        sqdist = np.where(b[:, None] | b[None, :], np.inf, sqdist)
+        np.fill_diagonal(sqdist, 0.0)
+    rows = np.where(b, 0.0, row_sum.numpy().astype(np.float64))
+    return Geometry(center, y, torch.from_numpy(g), torch.from_numpy(sqdist), torch.from_numpy(b), torch.from_numpy(rows))
 
 
 def _first_copies(x: Tensor, row_sum: Tensor) -> list[int] | None:
