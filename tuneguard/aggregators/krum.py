@@ -15,7 +15,7 @@ from ._spec import AggregatorSpec, kappa_krum, register
 _KAPPA_KRUM_TEXT = "sqrt(2 (n - f + (f (n-f-2) + f^2 (n-f-1)) / (n - 2f - 2)))"
 
 
-def _krum_order(geo: Geometry, f: int, alive: np.ndarray | None = None) -> np.ndarray:
+def _krum_order(sqdist: np.ndarray, row_sum: np.ndarray, f: int, alive: np.ndarray | None = None) -> np.ndarray:
     """Indices from best to worst Krum score.
 
     Score of an (alive) row: sum of squared distances to its r - f - 2 nearest *other* alive
@@ -26,11 +26,11 @@ def _krum_order(geo: Geometry, f: int, alive: np.ndarray | None = None) -> np.nd
     lower index: the rule stays permutation-invariant. Infinite scores are clamped to the
     largest finite value so that an alive row always ranks before a dead one.
 
-    On the [n, n] distances as numpy arrays (:func:`_small_geometry`): a few microseconds per
-    operation where torch spends several times that dispatching each small op, which Bulyan's
-    n - 2f - 2 rounds used to pay ~25 times per round.
+    On the [n, n] squared distances and [n] row sums as float64 numpy arrays
+    (:func:`_small_geometry`): a few microseconds per operation where torch spends several
+    times that dispatching each small op, which Bulyan's n - 2f - 2 rounds used to pay ~25
+    times per round.
     """
-    sqdist, row_sum = _small_geometry(geo)
     n = sqdist.shape[0]
     big = np.finfo(np.float64).max
     if alive is None:
@@ -68,7 +68,7 @@ def krum(vectors: Tensor, f: int) -> Tensor:
     vectors are non-finite.
     """
     geo = geometry(vectors)
-    return vectors[int(_krum_order(geo, f)[0])].clone()
+    return vectors[int(_krum_order(*_small_geometry(geo), f)[0])].clone()
 
 
 def multi_krum(vectors: Tensor, f: int, m: int | None = None) -> Tensor:
@@ -83,7 +83,7 @@ def multi_krum(vectors: Tensor, f: int, m: int | None = None) -> Tensor:
     n = vectors.shape[0]
     m = n - f if m is None else m
     geo = geometry(vectors)
-    chosen = torch.from_numpy(_krum_order(geo, f)[:m]).to(vectors.device)
+    chosen = torch.from_numpy(_krum_order(*_small_geometry(geo), f)[:m]).to(vectors.device)
     return vectors[chosen].mean(dim=0)
 
 
@@ -117,10 +117,11 @@ def bulyan(vectors: Tensor, f: int) -> Tensor:
     n = vectors.shape[0]
     theta, beta = n - 2 * f - 2, n - 4 * f - 2
     geo = geometry(vectors)
+    sqdist, row_sum = _small_geometry(geo)
     alive = np.ones(n, dtype=bool)
     selected = []
     for _ in range(theta):
-        winner = int(_krum_order(geo, f, alive)[0])
+        winner = int(_krum_order(sqdist, row_sum, f, alive)[0])
         selected.append(winner)
         alive[winner] = False
     sel = vectors.index_select(0, torch.tensor(selected, device=vectors.device))
