@@ -117,7 +117,7 @@ def mda(vectors: Tensor, f: int) -> Tensor:
         sets_np, masks = _exclusion_masks(n, f)
         pair_bits = (np.int64(1) << pa) | (np.int64(1) << pb)
         tied = _smallest_diameter_sets(masks, pair_bits, pd)
-        _, _, j = _break_tie(sq, row_sum, sets_np[tied])
+        j = _break_tie(sq, row_sum, sets_np[tied])[2] if tied.size > 1 else 0
         return _mean_without(vectors, sets_np[tied[j]], bool(geo.bad.any()))
 
     # Larger n: every set against every lead pair, in chunks, on the input's device.
@@ -198,18 +198,22 @@ def _break_tie(sqdist: np.ndarray, row_sum: np.ndarray, excluded_sets: np.ndarra
     """Among kept sets (complements of ``excluded_sets`` ``[t, f]``) tied on diameter: the one
     with the smallest sum of squared distances inside, then the smallest sum of coordinates
     (which separates equal groups of duplicates), then the first. Returns its two keys and
-    its position. On the [n, n] distances and [n] row sums (float64, CPU); the sums run as
-    torch products, as they always have: a kept set of duplicates ties with another only as
-    closely as the rounding of these products lets it."""
-    sq, rows = torch.from_numpy(sqdist), torch.from_numpy(row_sum)
-    finite = torch.where(torch.isfinite(sq), sq, 0.0)
-    kept = torch.ones((excluded_sets.shape[0], sq.shape[0]), dtype=sq.dtype)
-    kept.scatter_(1, torch.from_numpy(excluded_sets), 0.0)
-    # (kept finite) . kept row-wise; not torch.einsum, which plans its contraction on every call
-    spread = ((kept @ finite) * kept).sum(dim=1) / 2
-    coord_sum = torch.where(spread == spread.min(), kept @ rows, float("inf"))
-    j = int(coord_sum.argmin())
-    return float(spread[j]), float(coord_sum[j]), j
+    its position. On the [n, n] distances and [n] row sums (float64, CPU). The sums are
+    exact (``math.fsum``, correctly rounded whatever the order), so two kept sets holding the
+    same multiset of vectors (copies swapped) tie exactly and go to the first."""
+    n = sqdist.shape[0]
+    finite = np.where(np.isfinite(sqdist), sqdist, 0.0)
+    iu = np.triu_indices(n - excluded_sets.shape[1], 1)
+    best: tuple[float, float, int] | None = None
+    for j, excluded in enumerate(excluded_sets.tolist()):
+        out = set(excluded)
+        kept = [i for i in range(n) if i not in out]
+        spread = math.fsum(finite[np.ix_(kept, kept)][iu].tolist())
+        key = (spread, math.fsum(row_sum[kept].tolist()), j)
+        if best is None or key[:2] < best[:2]:
+            best = key
+    assert best is not None
+    return best
 
 
 def kappa_mda(n: int, f: int) -> float:
