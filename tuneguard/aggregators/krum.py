@@ -124,12 +124,11 @@ def bulyan(vectors: Tensor, f: int) -> Tensor:
         winner = int(_krum_order(sqdist, row_sum, f, alive)[0])
         selected.append(winner)
         alive[winner] = False
-    sel = vectors.index_select(0, torch.tensor(selected, device=vectors.device))
     if beta == theta:
-        return sel.mean(dim=0)
+        return vectors.index_select(0, torch.tensor(selected, device=vectors.device)).mean(dim=0)
     if beta == 1 and theta % 2 == 1:  # n = 4f + 3: the one value closest to the median is it
-        return order_statistics(sel, (theta // 2,))[0]
-    srt = order_statistics(sel, tuple(range(theta)))
+        return order_statistics(vectors, (theta // 2,), rows=selected)[0]
+    srt = order_statistics(vectors, tuple(range(theta)), rows=selected)
     out = torch.empty_like(srt[0])
     for start in range(0, srt.shape[1], _BLOCK):
         block = srt[:, start : start + _BLOCK]
