@@ -48,10 +48,13 @@ def row_deviations(rows: Tensor) -> tuple[Tensor, Tensor]:
 def _row_deviations(rows: Tensor) -> tuple[Tensor, Tensor]:
     parts = rows.unbind(0)
     k, shift = len(parts), parts[0]
-    total = torch.zeros_like(shift)
-    squares = torch.zeros_like(shift)
+    if k == 1:
+        return shift.clone(), torch.zeros_like(shift)
+    # the accumulators start at the second row's difference (0 + x is x, 0 + x * x is x * x)
+    total = torch.sub(parts[1], shift)
+    squares = total * total
     diff = torch.empty_like(shift)
-    for row in parts[1:]:
+    for row in parts[2:]:
         torch.sub(row, shift, out=diff)
         total += diff
         squares.addcmul_(diff, diff)
