@@ -14,6 +14,8 @@ Conventions every rule relies on:
   vectors involved only, so Byzantine vectors at 1e6 do not blur the distances between honest
   ones (centring at the mean would: it drags every honest vector towards them). A common
   offset m costs about 1e-16 |m|^2, far below the float32 resolution of the inputs themselves.
+  Repeated rows (the copies every vector attack sends) share one Gram row, computed once:
+  copies sit at distance exactly 0 from each other, so ties among them are exact.
 """
 
 from __future__ import annotations

@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneguard import _rowstats as rowstats
 from tuneguard.training.context import RunContext
 from tuneguard.training.metrics import evaluate
-from tuneguard.training.server import honest_summary, server_step
+from tuneguard.training.server import HonestSummary, honest_summary, server_step
 from tuneguard.training.step import WorkerOutput, byzantine_vectors, worker_round
 
 
@@ -47,6 +48,24 @@ class LocalEngine:
         # A fresh tensor each step: the honest rows double as the momentum buffers the next
         # step reads.
         stacked = torch.empty(n, ctx.d, device=ctx.device, dtype=ctx.params.dtype) if one_group else None
+        with rowstats.shared():  # the attack's pass over the honest rows serves the metrics too
+            honest, flipped, byz, summary = self._workers(state, t, stacked)
+        if stacked is not None:
+            if n == h:
+                stacked = stacked[:h]
+            elif byz.data_ptr() != stacked[h:].data_ptr():  # label flippers wrote their rows in place
+                stacked[h:].copy_(byz)
+        theta, metrics = server_step(ctx, state.theta, honest, byz, t, summary=summary, stacked=stacked)
+        new_state = TrainState(theta, honest.momentum, flipped.momentum if flipped is not None else None)
+        return new_state, metrics
+
+    def _workers(self, state: TrainState, t: int, stacked: torch.Tensor | None
+                 ) -> tuple[WorkerOutput, WorkerOutput | None, torch.Tensor, HonestSummary]:
+        """Steps 2 and 3 and the honest half of the metrics: (honest, label flippers, the
+        Byzantine vectors, the honest summary)."""
+        ctx = self.ctx
+        h, n = ctx.cfg.n_honest, ctx.cfg.n_workers
+        one_group = stacked is not None
         parts = []
         for g in self.groups:
             # One group takes the buffer as is: indexing would copy [h, d].
@@ -66,15 +85,7 @@ class LocalEngine:
         # Before the Byzantine rows land next to the honest ones: writing them bumps the version
         # counter the honest rows' view shares, and the metrics would then read the honest
         # rows again instead of reusing the attack's pass over them (tuneguard._rowstats).
-        summary = honest_summary(honest)
-        if stacked is not None:
-            if n == h:
-                stacked = stacked[:h]
-            elif byz.data_ptr() != stacked[h:].data_ptr():  # label flippers wrote their rows in place
-                stacked[h:].copy_(byz)
-        theta, metrics = server_step(ctx, state.theta, honest, byz, t, summary=summary, stacked=stacked)
-        new_state = TrainState(theta, honest.momentum, flipped.momentum if flipped is not None else None)
-        return new_state, metrics
+        return honest, flipped, byz, honest_summary(honest)
 
     def export_state(self, state: TrainState) -> dict[str, torch.Tensor | None]:
         cpu = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731
