@@ -762,6 +762,42 @@ def test_blocked_float32_gram_matches_float64(d):
         assert torch.allclose(aggregate(name, x, 3).to(torch.float64), aggregate(name, x64, 3), rtol=0, atol=1e-6), name
 
 
+def test_repeated_rows_share_one_gram_row_and_sit_at_distance_zero():
+    """Model-sized inputs with repeated rows (attack rows, a copied worker) compute the Gram
+    matrix on the distinct rows: the matrix must be the full product's, copies exactly at
+    distance 0, and rows that merely share a coordinate sum (a permuted row) kept apart."""
+    from tuneguard.aggregators._geometry import geometry
+
+    gen = torch.Generator().manual_seed(8)
+    d = 5000
+    x = torch.randn(15, d, generator=gen)
+    x[4] = x[1]  # a copy in the middle: the distinct rows are not a leading block
+    x[12:] = x[11]  # attack-like copies at the end
+    x[9] = x[8].flip(0)  # the same sum, not the same row
+    x[7] = float("nan")  # a bad row next to copies
+    x64 = torch.where(torch.isnan(x), 0.0, x).double()
+    geo = geometry(x)
+    assert torch.allclose(geo.gram, x64 @ x64.T, rtol=1e-12, atol=1e-9)
+    for i, j in ((1, 4), (11, 12), (11, 14), (12, 13)):
+        assert geo.sqdist[i, j] == 0 and geo.sqdist[j, i] == 0
+    assert geo.sqdist[8, 9] > 0 and torch.isinf(geo.sqdist[7, :7]).all()
+    for name in ("mda", "krum", "multi_krum", "bulyan", "nnm+krum"):
+        f = 2 if name == "bulyan" else 3
+        assert torch.allclose(aggregate(name, x, f).double(), aggregate(name, x.double(), f), rtol=0, atol=1e-6), name
+    # Rows repeated in groups (NNM's outputs: rows with the same neighbours are equal) at a
+    # model-sized d, a far row among them: MDA must break its exact ties by the definition.
+    # Rounding noise on the distance between two copies (a Gram matrix of all rows) made it
+    # pick a set 0.017 away from the brute-force one on this input.
+    from tuneguard.aggregators.pre import nnm
+
+    z = torch.randn(19, 2000, generator=torch.Generator().manual_seed(1))
+    z[0] = float("nan")
+    y = nnm(z, 2)
+    y[0] = 1e6
+    assert len(set(map(tuple, y.tolist()))) == 7  # 19 rows, 7 distinct
+    assert torch.allclose(aggregate("mda", y, 2).double(), _reference_mda(y, 2).double(), rtol=0, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------
 # Gar: a rule or chain built once
 

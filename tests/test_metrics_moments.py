@@ -44,3 +44,27 @@ def test_honest_metrics_take_rows_or_moments():
     assert a.keys() == b.keys()
     for k in a:
         assert b[k] == pytest.approx(a[k], rel=1e-5), k
+
+
+def test_submit_moments_share_the_attacks_pass_only_inside_a_step():
+    """The local engine computes the honest rows' deviations once a step (the little attack,
+    then the submit VN ratio). Inside ``shared()`` the same unchanged tensor gets the kept
+    result; an in-place change, another tensor, or a call outside the block recomputes."""
+    from tuneguard import _rowstats
+    from tuneguard.attacks import craft
+
+    g = torch.Generator().manual_seed(5)
+    rows = torch.randn(7, 300, generator=g) * 0.1 + torch.randn(300, generator=g)
+    first = _rowstats.row_deviations(rows)
+    assert first is not _rowstats.row_deviations(rows)
+    with _rowstats.shared():
+        byz = craft("little", rows, 2)
+        kept = _rowstats.row_deviations(rows)
+        assert kept is _rowstats.row_deviations(rows)
+        assert torch.equal(byz, craft("little", rows.clone(), 2))  # same vectors as a fresh pass
+        m = Moments.of_deviations(rows)
+        assert m.m2 == pytest.approx(Moments.of(rows).m2, rel=1e-5)
+        assert m.m2 == pytest.approx(float(((rows.double() - rows.double().mean(0)) ** 2).sum()), rel=1e-6)
+        rows.mul_(2.0)
+        assert _rowstats.row_deviations(rows) is not kept
+    assert torch.equal(craft("little", rows, 2), craft("little", rows.clone(), 2))

@@ -261,3 +261,32 @@ def test_batch_indices_come_from_per_worker_keyed_streams():
     assert sorted(full.tolist()) == list(range(40))  # b = m: a permutation
     big = sample_batch(1000, 10, 2**70 + 3, 2**30, 2**40)  # fields past the packed key: hashed
     assert len(set(big.tolist())) == 10 and (big == sample_batch(1000, 10, 2**70 + 3, 2**30, 2**40)).all()
+
+
+def test_keyed_streams_are_the_ones_numpy_builds():
+    # The step derives its generators without building numpy objects per worker (a re-keyed
+    # Philox for batch indices, SeedSequence's hash on integers for the noise seeds): the
+    # numbers must be those of numpy's own constructors, on every key a run makes and past it.
+    import random
+
+    import numpy as np
+
+    from tuneguard.data import PURPOSE_BATCH, _philox_key, sample_batch, stream_seed, stream_seeds
+
+    def seed_sequence(*key):
+        return int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
+
+    rng = random.Random(0)
+    top = 2**32 - 1
+    for _ in range(500):
+        seed, purpose, step = (rng.choice([0, 1, top, rng.randrange(2**32), 2**32, rng.randrange(2**70)]) for _ in range(3))
+        workers = [rng.choice([0, 1, 11, top, rng.randrange(2**32), 2**33]) for _ in range(rng.randrange(4))]
+        assert stream_seeds(seed, purpose, workers, step) == [seed_sequence(seed, purpose, w, step) for w in workers]
+        assert stream_seed(seed, purpose, 3, step) == seed_sequence(seed, purpose, 3, step)
+    for _ in range(200):
+        seed = rng.choice([1, rng.randrange(2**63), rng.randrange(2**70)])
+        worker, step = rng.choice([3, rng.randrange(2**25)]), rng.choice([7, rng.randrange(2**33)])
+        m = rng.choice([40, 1000, 60_000])
+        b = rng.randrange(1, 41)
+        fresh = np.random.Generator(np.random.Philox(key=_philox_key(seed, PURPOSE_BATCH, worker, step)))
+        assert (sample_batch(m, b, seed, worker, step) == fresh.choice(m, size=b, replace=False)).all()

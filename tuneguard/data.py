@@ -34,7 +34,8 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Mapping
+import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -500,7 +501,56 @@ PURPOSE_BATCH, PURPOSE_NOISE, PURPOSE_ATTACK, PURPOSE_PERTURB, PURPOSE_GAR = 1, 
 
 
 def stream_seed(seed: int, purpose: int, worker: int, step: int) -> int:
+    """A 63-bit seed for the stream (seed, purpose, worker, step): numpy's
+    ``SeedSequence([seed, purpose, worker, step]).generate_state(1, uint64)[0] >> 1``."""
+    return stream_seeds(seed, purpose, [worker], step)[0]
+
+
+def stream_seeds(seed: int, purpose: int, workers: Sequence[int], step: int) -> list[int]:
+    """:func:`stream_seed` of each worker. For keys whose four fields fit 32 bits (every key a
+    run makes) SeedSequence's hash runs as plain integer arithmetic (:func:`_hash_key`), about
+    half the time of building a SeedSequence object (~25 us; a step builds one per honest
+    worker for its noise); larger fields go through numpy's SeedSequence itself.
+    tests/test_training.py checks both against numpy."""
+    if 0 <= seed <= _MASK32 and 0 <= purpose <= _MASK32 and 0 <= step <= _MASK32:
+        return [_hash_key(seed, purpose, w, step) if 0 <= w <= _MASK32 else _numpy_seed(seed, purpose, w, step)
+                for w in workers]
+    return [_numpy_seed(seed, purpose, w, step) for w in workers]
+
+
+def _numpy_seed(seed: int, purpose: int, worker: int, step: int) -> int:
     return int(np.random.SeedSequence([seed, purpose, worker, step]).generate_state(1, np.uint64)[0] >> 1)
+
+
+# numpy.random.SeedSequence's constants (numpy/random/bit_generator.pyx; after M.E. O'Neill's
+# seed_seq_fe, https://www.pcg-random.org/posts/developing-a-seed_seq-alternative.html)
+_MASK32 = 0xFFFF_FFFF
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0_D7E5, 0x931E_8875, 0x8B51_F9DD, 0x58F3_8DED
+_MIX_MULT_L, _MIX_MULT_R = 0xCA01_F9DD, 0x4973_F715
+# The hash constant steps the same way whatever the data (4 + 12 hashmix calls for a pool of 4
+# words), so its values are fixed: call i xors with _HASH_A[i] and multiplies by _HASH_A[i + 1].
+_HASH_A = tuple((_INIT_A * pow(_MULT_A, i, 1 << 32)) & _MASK32 for i in range(17))
+_HASH_B = tuple((_INIT_B * pow(_MULT_B, i, 1 << 32)) & _MASK32 for i in range(3))
+_MIX_ORDER = tuple((src, dst) for src in range(4) for dst in range(4) if src != dst)
+
+
+def _hash_key(*words: int) -> int:
+    """``SeedSequence(list(words)).generate_state(1, uint64)[0] >> 1`` for four 32-bit words (an
+    entropy of exactly the pool size, so each word enters the pool once): hashmix each word
+    into the pool, mix every pool word into every other, then draw two 32-bit words, low first.
+    Python integers masked to 32 bits; the steps as in numpy's bit_generator.pyx."""
+    pool = []
+    for i, w in enumerate(words):
+        v = ((w ^ _HASH_A[i]) * _HASH_A[i + 1]) & _MASK32
+        pool.append(v ^ (v >> 16))
+    for i, (src, dst) in enumerate(_MIX_ORDER, start=4):
+        v = ((pool[src] ^ _HASH_A[i]) * _HASH_A[i + 1]) & _MASK32
+        v ^= v >> 16
+        mixed = (_MIX_MULT_L * pool[dst] - _MIX_MULT_R * v) & _MASK32
+        pool[dst] = mixed ^ (mixed >> 16)
+    lo = ((pool[0] ^ _HASH_B[0]) * _HASH_B[1]) & _MASK32
+    hi = ((pool[1] ^ _HASH_B[1]) * _HASH_B[2]) & _MASK32
+    return (((hi ^ (hi >> 16)) << 32) | (lo ^ (lo >> 16))) >> 1
 
 
 def sample_batch(m: int, b: int, seed: int, worker: int, step: int) -> np.ndarray:
@@ -510,11 +560,11 @@ def sample_batch(m: int, b: int, seed: int, worker: int, step: int) -> np.ndarra
     The generator is Philox keyed directly by (seed, purpose, worker, step): a counter-based
     generator gives independent streams for distinct keys (Salmon et al., SC 2011) without
     hashing a seed first. default_rng(stream_seed(...)) hashed twice (two SeedSequences): 111
-    vs 53 us per worker and step, ~0.7 ms of a b = 25 step with 12 workers.
+    vs 53 us per worker and step, ~0.7 ms of a b = 25 step with 12 workers. The Philox object
+    is built once per thread and re-keyed (:func:`_keyed_generator`): the same stream as a
+    fresh ``Philox(key=...)``, without the OS entropy a new one reads for a seed it ignores.
     """
-    return np.random.Generator(np.random.Philox(key=_philox_key(seed, PURPOSE_BATCH, worker, step))).choice(
-        m, size=b, replace=False
-    )
+    return _keyed_generator(_philox_key(seed, PURPOSE_BATCH, worker, step)).choice(m, size=b, replace=False)
 
 
 def _philox_key(seed: int, purpose: int, worker: int, step: int) -> list[int]:
@@ -525,7 +575,41 @@ def _philox_key(seed: int, purpose: int, worker: int, step: int) -> list[int]:
     return [seed % (1 << 64), stream_seed(seed, purpose, worker, step)]
 
 
+_PHILOX = threading.local()
+_ZEROS4 = np.zeros(4, dtype=np.uint64)
+
+
+def _keyed_generator(key: list[int]) -> np.random.Generator:
+    """This thread's numpy Generator on Philox, reset to ``key`` and counter 0: it then draws
+    exactly what ``np.random.Generator(np.random.Philox(key=key))`` draws (buffered words
+    dropped), at half the cost of building one (tests/test_training.py checks the equality)."""
+    gen = getattr(_PHILOX, "generator", None)
+    if gen is None:
+        gen = _PHILOX.generator = np.random.Generator(np.random.Philox(key=[0, 0]))
+    gen.bit_generator.state = {
+        "bit_generator": "Philox",
+        # converted as Philox(key=...) converts it (np.asarray, then uint64), so that a key
+        # numpy reads through float64 (a word above 2^63 next to one below) stays the same
+        "state": {"counter": _ZEROS4, "key": np.asarray(key).astype(np.uint64)},
+        "buffer": _ZEROS4,
+        "buffer_pos": 4,
+        "has_uint32": 0,
+        "uinteger": 0,
+    }
+    return gen
+
+
 def torch_generator(seed: int, purpose: int, worker: int, step: int, device: str | torch.device) -> torch.Generator:
-    g = torch.Generator(device=device)
-    g.manual_seed(stream_seed(seed, purpose, worker, step))
-    return g
+    """A torch generator on ``device`` seeded :func:`stream_seed` (seed, purpose, worker, step)."""
+    return torch_generators(seed, purpose, [worker], step, device)[0]
+
+
+def torch_generators(seed: int, purpose: int, workers: Sequence[int], step: int,
+                     device: str | torch.device) -> list[torch.Generator]:
+    """:func:`torch_generator` of each worker (the same generators; the seeds hashed together)."""
+    out = []
+    for s in stream_seeds(seed, purpose, workers, step):
+        g = torch.Generator(device=device)
+        g.manual_seed(s)
+        out.append(g)
+    return out

@@ -7,10 +7,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
-from ._geometry import Geometry, geometry
+from ._geometry import geometry
 from ._spec import AggregatorSpec, register
 
 MAX_SEARCH = 50_000_000
@@ -25,6 +26,9 @@ there is no approximate fallback. n = 15 needs at most 6,435 x 78 (f = 7).
 _CHUNK_ELEMENTS = 1 << 22
 # Up to this n an f-set is an int64 bitmask and "pair touches E" is one bitwise AND.
 _BITMASK_MAX_N = 62
+# Up to this many (f-set, lead pair) checks the smallest-diameter sets come from one [sets,
+# pairs] table instead of the pair-by-pair filter.
+_ONE_SHOT = 1 << 16
 
 
 def search_size(n: int, f: int) -> int:
@@ -59,13 +63,16 @@ def _exclusion_sets(n: int, f: int) -> Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _exclusion_sets_on(n: int, f: int, device: torch.device) -> tuple[Tensor, Tensor | None]:
-    """The f-sets on ``device``, and (for n <= 62) their int64 bitmasks."""
-    sets = _exclusion_sets(n, f)
-    masks = None
-    if n <= _BITMASK_MAX_N:
-        masks = (torch.ones((), dtype=torch.int64) << sets.long()).sum(dim=1).to(device)
-    return sets.to(device), masks
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs i < j, row-major (``np.triu_indices(n, 1)``)."""
+    return np.triu_indices(n, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _exclusion_masks(n: int, f: int) -> tuple[np.ndarray, np.ndarray]:
+    """The f-sets ``[C(n, f), f]`` and their int64 bitmasks (n <= 62), as numpy arrays."""
+    sets = _exclusion_sets(n, f).long().numpy()
+    return sets, (np.int64(1) << sets).sum(axis=1)
 
 
 def mda(vectors: Tensor, f: int) -> Tensor:
@@ -97,55 +104,63 @@ def mda(vectors: Tensor, f: int) -> Tensor:
         return vectors.mean(dim=0)
     device = vectors.device
     geo = geometry(vectors)
-    sqdist = geo.sqdist
-    iu = torch.triu_indices(n, n, 1, device=device)
-    pair_d = sqdist[iu[0], iu[1]]
-    order = torch.argsort(pair_d, descending=True)[: _lead_pairs(n, f)]
-    pa, pb, pd = iu[0][order], iu[1][order], pair_d[order]
-    sets, masks = _exclusion_sets_on(n, f, device)
-    one = torch.ones((), dtype=torch.int64, device=device)
-    pair_bits = (one << pa) | (one << pb)
-    zero = torch.zeros((), dtype=pd.dtype, device=device)
+    # The search runs on the [n, n] distances as numpy arrays (CPU copies): each of its small
+    # steps costs a few microseconds there, several times less than a torch op's dispatch.
+    sq = geo.sqdist.detach().cpu().numpy()
+    row_sum = geo.row_sum.detach().cpu().numpy()
+    pi, pj = _pairs(n)
+    pair_d = sq[pi, pj]
+    order = np.argsort(-pair_d, kind="stable")[: _lead_pairs(n, f)]
+    pa, pb, pd = pi[order], pj[order], pair_d[order]
 
-    if masks is not None:
+    if n <= _BITMASK_MAX_N:
+        sets_np, masks = _exclusion_masks(n, f)
+        pair_bits = (np.int64(1) << pa) | (np.int64(1) << pb)
         tied = _smallest_diameter_sets(masks, pair_bits, pd)
-        _, _, j = _break_tie(geo, sets[tied].long(), n)
-        return _mean_without(vectors, sets[tied[j]])
+        j = _break_tie(sq, row_sum, sets_np[tied])[2] if tied.size > 1 else 0
+        return _mean_without(vectors, sets_np[tied[j]], bool(geo.bad.any()))
 
-    chunk = max(1, _CHUNK_ELEMENTS // max(pd.numel(), n))
+    # Larger n: every set against every lead pair, in chunks, on the input's device.
+    sets = _exclusion_sets(n, f).to(device)
+    pa_t, pb_t = torch.from_numpy(pa).to(device), torch.from_numpy(pb).to(device)
+    pd_t = torch.from_numpy(pd).to(device)
+    zero = torch.zeros((), dtype=pd_t.dtype, device=device)
+    chunk = max(1, _CHUNK_ELEMENTS // max(pd.size, n))
     best: tuple[float, float, float, int] | None = None  # (diameter, *tie keys, index)
     for offset in range(0, sets.shape[0], chunk):
         stop = min(offset + chunk, sets.shape[0])
-        if masks is not None:
-            covered = (masks[offset:stop, None] & pair_bits) != 0
-        else:
-            excluded = torch.zeros((stop - offset, n), dtype=torch.bool, device=device)
-            excluded.scatter_(1, sets[offset:stop].long(), True)
-            covered = excluded[:, pa] | excluded[:, pb]
-        diam = torch.where(covered, zero, pd).amax(dim=1)
+        excluded = torch.zeros((stop - offset, n), dtype=torch.bool, device=device)
+        excluded.scatter_(1, sets[offset:stop].long(), True)
+        covered = excluded[:, pa_t] | excluded[:, pb_t]
+        diam = torch.where(covered, zero, pd_t).amax(dim=1)
         low = float(diam.min())
-        tied = (diam == low).nonzero().squeeze(1)
+        tied_t = (diam == low).nonzero().squeeze(1)
         if best is not None and low > best[0]:
             continue
-        spread, coord_sum, j = _break_tie(geo, sets[tied + offset].long(), n)
-        candidate = (low, spread, coord_sum, int(tied[j]) + offset)
+        spread, coord_sum, j = _break_tie(sq, row_sum, sets[tied_t + offset].long().cpu().numpy())
+        candidate = (low, spread, coord_sum, int(tied_t[j]) + offset)
         # Strict comparisons keep the earliest subset on exact ties across chunks.
         if best is None or candidate[:-1] < best[:-1]:
             best = candidate
     assert best is not None
-    return _mean_without(vectors, sets[best[-1]])
+    return _mean_without(vectors, sets[best[-1]].long().cpu().numpy(), bool(geo.bad.any()))
 
 
-def _mean_without(vectors: Tensor, excluded_set: Tensor) -> Tensor:
-    """Mean of the rows not in ``excluded_set``; index_select is ~2x faster than a boolean
-    mask on CPU (same rows, same order, same numbers)."""
+def _mean_without(vectors: Tensor, excluded_set: np.ndarray, any_bad: bool) -> Tensor:
+    """Mean of the rows not in ``excluded_set``: one weighted sum over all n rows (weight
+    1 / (n - f) on the kept ones, a matrix-vector product: one read of the rows, no copy of
+    the kept ones). When some row is non-finite (0 * NaN would be NaN) the kept rows are
+    gathered and averaged instead."""
     n = vectors.shape[0]
-    keep = torch.ones(n, dtype=torch.bool, device=vectors.device)
-    keep[excluded_set.long()] = False
-    return vectors.index_select(0, keep.nonzero().squeeze(1)).mean(dim=0)
+    out = set(excluded_set.tolist())
+    keep = [i for i in range(n) if i not in out]
+    if any_bad:
+        return vectors.index_select(0, torch.tensor(keep, device=vectors.device)).mean(dim=0)
+    weights = [1.0 / len(keep) if i not in out else 0.0 for i in range(n)]
+    return torch.tensor(weights, dtype=vectors.dtype, device=vectors.device) @ vectors
 
 
-def _smallest_diameter_sets(masks: Tensor, pair_bits: Tensor, pd: Tensor) -> Tensor:
+def _smallest_diameter_sets(masks: np.ndarray, pair_bits: np.ndarray, pd: np.ndarray) -> np.ndarray:
     """Indices (ascending) of the excluded f-sets whose kept sets have the smallest diameter.
 
     The diameter of a kept set is the distance of the first pair, in decreasing order, that its
@@ -157,40 +172,48 @@ def _smallest_diameter_sets(masks: Tensor, pair_bits: Tensor, pd: Tensor) -> Ten
     geometrically, so this touches a few times C(n, f) masks instead of C(n, f) x the lead
     pairs of the one-shot scan.
     """
-    alive = torch.arange(masks.shape[0], device=masks.device)
+    if masks.size * pair_bits.size <= _ONE_SHOT:
+        # Few sets x pairs (n = 15, f = 3: 455 x 40): the same selection from one table. A
+        # set's first untouched pair is where the filter would drop it; the winners are the
+        # sets that outlive every pair before the first one at the last such pair's distance.
+        first_miss = ((masks[:, None] & pair_bits) == 0).argmax(axis=1)  # every set misses one
+        start = int((pd > pd[first_miss.max()]).sum())
+        return np.flatnonzero(first_miss >= start)
+    alive = np.arange(masks.size)
     alive_masks = masks
     history = [alive]
-    for k in range(pair_bits.shape[0]):
+    for k in range(pair_bits.size):
         keep = (alive_masks & pair_bits[k]) != 0
-        nxt = keep.nonzero().squeeze(1)
-        if nxt.numel() == 0:
-            d_k = pd[k]
+        if not keep.any():
             start = k
-            while start > 0 and bool(pd[start - 1] == d_k):
+            while start > 0 and pd[start - 1] == pd[k]:
                 start -= 1
             return history[start]
-        alive, alive_masks = alive[nxt], alive_masks[nxt]
+        alive, alive_masks = alive[keep], alive_masks[keep]
         history.append(alive)
     raise AssertionError("some f-set touched every lead pair: _lead_pairs is wrong")
 
 
-def _break_tie(geo: Geometry, excluded_sets: Tensor, n: int) -> tuple[float, float, int]:
+def _break_tie(sqdist: np.ndarray, row_sum: np.ndarray, excluded_sets: np.ndarray) -> tuple[float, float, int]:
     """Among kept sets (complements of ``excluded_sets`` ``[t, f]``) tied on diameter: the one
     with the smallest sum of squared distances inside, then the smallest sum of coordinates
     (which separates equal groups of duplicates), then the first. Returns its two keys and
-    its position."""
-    sqdist = geo.sqdist
-    zero = torch.zeros((), dtype=sqdist.dtype, device=sqdist.device)
-    inf = torch.tensor(float("inf"), dtype=sqdist.dtype, device=sqdist.device)
-    finite = torch.where(torch.isfinite(sqdist), sqdist, zero)
-    kept = torch.ones((excluded_sets.shape[0], n), dtype=sqdist.dtype, device=sqdist.device)
-    kept.scatter_(1, excluded_sets, 0.0)
-    # (kept finite) . kept row-wise; not torch.einsum, which plans its contraction on every call
-    spread = ((kept @ finite) * kept).sum(dim=1) / 2
-    coord_sum = kept @ geo.row_sum
-    coord_sum = torch.where(spread == spread.min(), coord_sum, inf)
-    j = int(coord_sum.argmin())
-    return float(spread[j]), float(coord_sum[j]), j
+    its position. On the [n, n] distances and [n] row sums (float64, CPU). The sums are
+    exact (``math.fsum``, correctly rounded whatever the order), so two kept sets holding the
+    same multiset of vectors (copies swapped) tie exactly and go to the first."""
+    n = sqdist.shape[0]
+    finite = np.where(np.isfinite(sqdist), sqdist, 0.0)
+    iu = np.triu_indices(n - excluded_sets.shape[1], 1)
+    best: tuple[float, float, int] | None = None
+    for j, excluded in enumerate(excluded_sets.tolist()):
+        out = set(excluded)
+        kept = [i for i in range(n) if i not in out]
+        spread = math.fsum(finite[np.ix_(kept, kept)][iu].tolist())
+        key = (spread, math.fsum(row_sum[kept].tolist()), j)
+        if best is None or key[:2] < best[:2]:
+            best = key
+    assert best is not None
+    return best
 
 
 def kappa_mda(n: int, f: int) -> float:

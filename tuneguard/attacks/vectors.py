@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from tuneguard._rowstats import row_deviations
 from tuneguard.aggregators import AGGREGATORS, Gar, build_gar
 
 from ._spec import AttackSpec, register
@@ -31,29 +32,15 @@ def _repeat(vector: Tensor, f: int) -> Tensor:
 
 
 def _honest_mean_std(honest: Tensor) -> tuple[Tensor, Tensor]:
-    """Coordinate-wise mean and standard deviation of the h honest vectors, in one pass.
+    """Coordinate-wise mean and standard deviation of the h honest vectors, in one pass
+    (:func:`tuneguard._rowstats.row_deviations`, which the step's "submit" VN ratio reads too:
+    computed once a step). The mean is shared: callers must not modify it in place.
 
     Bessel-corrected (h - 1), as torch.var's default in the EPFL code 001 builds on
     (attacks/identical.py: grad_stck.var(dim=0).sqrt_()); h = 1 has no spread: 0.
-
-    One pass over the rows with the shifted-data sums (shift K = the first row, a sample, so
-    the sums stay on the scale of the spread and sum(d^2) - sum(d)^2 / h does not cancel):
-    the rows are read once, the accumulators stay in cache. A mean, a centred copy and a
-    strided reduction read [h, d] three times (1.7 vs 1.2 ms on [12, 79510], loaded 2-core
-    box); torch.var_mean(dim=0) was 30x slower still.
     """
-    rows = honest.unbind(0)
-    h, shift = len(rows), rows[0]
-    total = torch.zeros_like(shift)
-    squares = torch.zeros_like(shift)
-    diff = torch.empty_like(shift)
-    for row in rows[1:]:
-        torch.sub(row, shift, out=diff)
-        total += diff
-        squares.addcmul_(diff, diff)
-    mean = total / h
-    var = squares.addcmul_(total, mean, value=-1.0).div_(max(h - 1, 1)).clamp_min_(0.0)
-    return mean.add_(shift), var.sqrt_()
+    mean, dev2 = row_deviations(honest)
+    return mean, dev2.div(max(honest.shape[0] - 1, 1)).clamp_min_(0.0).sqrt_()
 
 
 def _mean_and_direction(base: str, honest: Tensor) -> tuple[Tensor, Tensor]:

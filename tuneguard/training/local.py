@@ -7,9 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+from tuneguard import _rowstats as rowstats
 from tuneguard.training.context import RunContext
 from tuneguard.training.metrics import evaluate
-from tuneguard.training.server import server_step
+from tuneguard.training.server import HonestSummary, honest_summary, server_step
 from tuneguard.training.step import WorkerOutput, byzantine_vectors, worker_round
 
 
@@ -39,24 +40,52 @@ class LocalEngine:
 
     def step(self, state: TrainState, t: int) -> tuple[TrainState, dict[str, float]]:
         ctx = self.ctx
+        cfg = ctx.cfg
+        h, n = cfg.n_honest, cfg.n_workers
+        one_group = len(self.groups) == 1
+        # With one group (the default) the workers write their rows straight into the GAR's
+        # [n, d] input (honest rows first, then the Byzantine ones): no concatenation pass.
+        # A fresh tensor each step: the honest rows double as the momentum buffers the next
+        # step reads.
+        stacked = torch.empty(n, ctx.d, device=ctx.device, dtype=ctx.params.dtype) if one_group else None
+        with rowstats.shared():  # the attack's pass over the honest rows serves the metrics too
+            honest, flipped, byz, summary = self._workers(state, t, stacked)
+        if stacked is not None:
+            if n == h:
+                stacked = stacked[:h]
+            elif byz.data_ptr() != stacked[h:].data_ptr():  # label flippers wrote their rows in place
+                stacked[h:].copy_(byz)
+        theta, metrics = server_step(ctx, state.theta, honest, byz, t, summary=summary, stacked=stacked)
+        new_state = TrainState(theta, honest.momentum, flipped.momentum if flipped is not None else None)
+        return new_state, metrics
+
+    def _workers(self, state: TrainState, t: int, stacked: torch.Tensor | None
+                 ) -> tuple[WorkerOutput, WorkerOutput | None, torch.Tensor, HonestSummary]:
+        """Steps 2 and 3 and the honest half of the metrics: (honest, label flippers, the
+        Byzantine vectors, the honest summary)."""
+        ctx = self.ctx
+        h, n = ctx.cfg.n_honest, ctx.cfg.n_workers
+        one_group = stacked is not None
         parts = []
         for g in self.groups:
-            # One group (the default) takes the buffer as is: indexing would copy [h, d].
-            mom = state.momentum if state.momentum is None or len(self.groups) == 1 else state.momentum[g]
-            parts.append(worker_round(ctx, state.theta, mom, g, t))
+            # One group takes the buffer as is: indexing would copy [h, d].
+            mom = state.momentum if state.momentum is None or one_group else state.momentum[g]
+            parts.append(worker_round(ctx, state.theta, mom, g, t, submit_out=stacked[:h] if one_group else None))
         honest = WorkerOutput.concat(parts)
-        if len(self.groups) > 1:
+        if not one_group:
             # Rows follow the group order; put them back in worker-id order.
             order = torch.tensor([w for g in self.groups for w in g]).argsort()
             honest = _reorder(honest, order.to(ctx.device))
         flipped = None
         if ctx.label_flip:
-            byz_ids = list(range(ctx.cfg.n_honest, ctx.cfg.n_workers))
-            flipped = worker_round(ctx, state.theta, state.byz_momentum, byz_ids, t, flip=True)
+            byz_ids = list(range(h, n))
+            flipped = worker_round(ctx, state.theta, state.byz_momentum, byz_ids, t, flip=True,
+                                   submit_out=stacked[h:] if one_group else None)
         byz = byzantine_vectors(ctx, honest.submit, t, flipped, gar=ctx.gar)
-        theta, metrics = server_step(ctx, state.theta, honest, byz, t)
-        new_state = TrainState(theta, honest.momentum, flipped.momentum if flipped is not None else None)
-        return new_state, metrics
+        # Before the Byzantine rows land next to the honest ones: writing them bumps the version
+        # counter the honest rows' view shares, and the metrics would then read the honest
+        # rows again instead of reusing the attack's pass over them (tuneguard._rowstats).
+        return honest, flipped, byz, honest_summary(honest)
 
     def export_state(self, state: TrainState) -> dict[str, torch.Tensor | None]:
         cpu = lambda t: None if t is None else t.detach().cpu().clone()  # noqa: E731

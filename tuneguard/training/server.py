@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from tuneguard.training.context import RunContext
-from tuneguard.training.metrics import gar_distance, honest_metrics
+from tuneguard.training.metrics import Moments, gar_distance, honest_metrics
 from tuneguard.training.step import WorkerOutput, aggregate_and_update
 
 
@@ -35,9 +35,11 @@ class HonestSummary:
 
 
 def honest_summary(honest: WorkerOutput) -> HonestSummary:
-    mean = honest.submit.mean(0)
-    return HonestSummary(mean, honest_metrics(honest.sample, honest.submit, honest.loss, honest.grad_norm,
-                                              honest.clipped_frac, honest_mean=mean))
+    # the submissions' moments from the same one-pass statistics the little attack reads
+    # (computed once a step when both run in this process)
+    submit = Moments.of_deviations(honest.submit)
+    return HonestSummary(submit.mean, honest_metrics(honest.sample, submit, honest.loss, honest.grad_norm,
+                                                     honest.clipped_frac))
 
 
 def server_step(

@@ -31,6 +31,7 @@ from tuneguard.data import (
     PURPOSE_PERTURB,
     sample_batch,
     torch_generator,
+    torch_generators,
 )
 from tuneguard.training.context import RunContext
 
@@ -91,8 +92,15 @@ def worker_round(
     step: int,
     *,
     flip: bool = False,
+    submit_out: torch.Tensor | None = None,
 ) -> WorkerOutput:
-    """Step 2 of Algorithm 1 for the given worker ids, batched in one pass."""
+    """Step 2 of Algorithm 1 for the given worker ids, batched in one pass.
+
+    ``submit_out``: an optional [k, d] tensor (the parameters' dtype and device) that receives
+    the submitted rows, e.g. the first rows of the server's [n, d] GAR input, which then needs
+    no concatenation. The returned ``submit`` (and ``momentum``) are then views of it, so it
+    must not be the previous step's momentum. Same numbers either way.
+    """
     from tuneguard.privacy import clipped_gradients
 
     cfg, plan = ctx.cfg, ctx.plan
@@ -103,26 +111,42 @@ def worker_round(
     # The buffer is overwritten next step: everything derived from ``sample`` below is a copy.
     out = clipped_gradients(ctx.model, x, y, cfg.clip, out=ctx.grad_buffer(tuple(workers)))
     sample = out.grads
+    if submit_out is not None and (submit_out.shape != sample.shape or submit_out.dtype != sample.dtype
+                                   or submit_out.device != sample.device):
+        raise ValueError(f"submit_out must be a [{sample.shape[0]}, {sample.shape[1]}] {sample.dtype} tensor on "
+                         f"{sample.device}; got {tuple(submit_out.shape)} {submit_out.dtype} on {submit_out.device}")
     noisy = sample
     draws = [(purpose, std) for purpose, std in ((PURPOSE_NOISE, plan.sigma), (PURPOSE_PERTURB, cfg.perturbation)) if std > 0]
-    if draws:
-        noise = torch.empty_like(sample)
-        for purpose, std in draws:
-            for row, w in enumerate(workers):  # one stream per worker: grouping-independent
-                noise[row].normal_(generator=torch_generator(cfg.seed, purpose, w, step, ctx.device))
-            # The first draw also copies ``sample`` out of the reused buffer (one pass, not two).
-            noisy = torch.add(sample, noise, alpha=std) if noisy is sample else noisy.add_(noise, alpha=std)
+    for purpose, std in draws:
+        # The first draw lands in the output rows and is turned into sample + std * noise in
+        # place: one pass, and the result is already out of the reused ``sample`` buffer.
+        first = noisy is sample
+        noise = submit_out if first and submit_out is not None else torch.empty_like(sample)
+        gens = torch_generators(cfg.seed, purpose, workers, step, ctx.device)
+        for row, g in enumerate(gens):  # one stream per worker: grouping-independent
+            noise[row].normal_(generator=g)
+        noisy = torch.add(sample, noise, alpha=std, out=noise) if first else noisy.add_(noise, alpha=std)
     new_momentum = None
     submit = noisy
     if cfg.momentum > 0:
         # m_t = beta m_{t-1} + (1 - dampening) g_t with m_{-1} = 0 (El-Mhamdi et al. 2021).
-        scaled = noisy if cfg.dampening == 0 else noisy * (1 - cfg.dampening)
+        scaled = noisy
+        if cfg.dampening != 0:
+            dest = submit_out if submit_out is not None and noisy is sample else None
+            scaled = torch.mul(noisy, 1 - cfg.dampening, out=dest) if noisy is sample else noisy.mul_(1 - cfg.dampening)
         if momentum is None:
-            new_momentum = scaled.clone() if scaled is sample else scaled
+            new_momentum = _copy_out(scaled, submit_out) if scaled is sample else scaled
         else:
-            new_momentum = torch.add(scaled, momentum, alpha=cfg.momentum)
+            dest = submit_out if submit_out is not None else (scaled if scaled is not sample else None)
+            new_momentum = torch.add(scaled, momentum, alpha=cfg.momentum, out=dest)
         submit = new_momentum
+    elif submit is sample and submit_out is not None:
+        submit = submit_out.copy_(sample)
     return WorkerOutput(sample, submit, new_momentum, out.loss, out.norm_mean, out.clipped_frac)
+
+
+def _copy_out(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    return t.clone() if out is None else out.copy_(t)
 
 
 def byzantine_vectors(
