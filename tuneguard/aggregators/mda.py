@@ -198,22 +198,18 @@ def _break_tie(sqdist: np.ndarray, row_sum: np.ndarray, excluded_sets: np.ndarra
     """Among kept sets (complements of ``excluded_sets`` ``[t, f]``) tied on diameter: the one
     with the smallest sum of squared distances inside, then the smallest sum of coordinates
     (which separates equal groups of duplicates), then the first. Returns its two keys and
-    its position. On the [n, n] distances and [n] row sums (float64, CPU). The sums are
-    exact (``math.fsum``, correctly rounded whatever the order), so two kept sets holding the
-    same multiset of vectors (copies swapped) tie exactly and go to the first."""
+    its position. On the [n, n] distances and [n] row sums (float64, CPU). Each sum runs over
+    its values in increasing order, sequentially, so two kept sets holding the same multiset
+    of vectors (copies swapped) tie exactly and go to the first."""
     n = sqdist.shape[0]
+    t = excluded_sets.shape[0]
     finite = np.where(np.isfinite(sqdist), sqdist, 0.0)
-    iu = np.triu_indices(n - excluded_sets.shape[1], 1)
-    best: tuple[float, float, int] | None = None
-    for j, excluded in enumerate(excluded_sets.tolist()):
-        out = set(excluded)
-        kept = [i for i in range(n) if i not in out]
-        spread = math.fsum(finite[np.ix_(kept, kept)][iu].tolist())
-        key = (spread, math.fsum(row_sum[kept].tolist()), j)
-        if best is None or key[:2] < best[:2]:
-            best = key
-    assert best is not None
-    return best
+    kept = np.array([[i for i in range(n) if i not in out] for out in map(set, excluded_sets.tolist())])
+    iu, ju = _pairs(kept.shape[1])
+    spread = np.cumsum(np.sort(finite[kept[:, iu], kept[:, ju]], axis=1), axis=1)[:, -1]
+    coord = np.cumsum(np.sort(row_sum[kept], axis=1), axis=1)[:, -1]
+    j = int(np.lexsort((np.arange(t), coord, spread))[0])
+    return float(spread[j]), float(coord[j]), j
 
 
 def kappa_mda(n: int, f: int) -> float:
