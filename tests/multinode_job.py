@@ -59,6 +59,7 @@ def main(out: Path) -> dict:
                 for k in ("param_norm", "vn_submit", "cross_accuracy")}
         report["runs"].append({
             "batch_size": cfg.batch_size, "actor_nodes": r.data.tags.get("tuneguard.actor_nodes"),
+            "transport": r.data.tags.get("tuneguard.actor_transport"),
             "trial_node": r.data.tags.get("tuneguard.node"), "actors": hist,
             "local": {k: [h[k] for h in ref.history if k in h] for k in hist},
         })

@@ -91,19 +91,22 @@ def assert_same(a, b):
 # Equivalence -------------------------------------------------------------------------------
 # GAR x attack in full; DP and grouping (1 worker per actor / several) so that every pair of
 # levels of any two of the four factors occurs.
+# Every case but one goes through the same-node shared-memory channel (the default transport);
+# one through Ray's object store.
 CASES = [
-    ("median", "little", "per_step", 1),
-    ("median", "empire", "none", 3),
-    ("krum", "little", "none", None),  # the default grouping (one actor per core)
-    ("krum", "empire", "per_step", 3),
-    ("krum", "empire", "none", 1),
+    ("median", "little", "per_step", 1, "auto"),
+    ("median", "empire", "none", 3, "auto"),
+    ("krum", "little", "none", None, "auto"),  # the default grouping (one actor per core)
+    ("krum", "empire", "per_step", 3, "object_store"),
+    ("krum", "empire", "none", 1, "auto"),
 ]
 
 
-@pytest.mark.parametrize(("gar", "attack", "privacy", "wpa"), CASES)
+@pytest.mark.parametrize(("gar", "attack", "privacy", "wpa", "transport"), CASES)
 @pytest.mark.slow
-def test_same_numbers_as_local_engine(ray_cluster, data_dir, gar, attack, privacy, wpa):
-    cfg = cfg_of(gar=gar, attack=attack, privacy={"mode": privacy}, actors={"workers_per_actor": wpa})
+def test_same_numbers_as_local_engine(ray_cluster, data_dir, gar, attack, privacy, wpa, transport):
+    cfg = cfg_of(gar=gar, attack=attack, privacy={"mode": privacy},
+                 actors={"workers_per_actor": wpa, "transport": transport})
     with ActorEngine(cfg) as engine:
         assert len(engine.actor_names()) == len(engine.layout.groups) + 1  # workers, Byzantine (this process serves)
         sizes = [len(g) for g in engine.layout.groups]
@@ -114,6 +117,8 @@ def test_same_numbers_as_local_engine(ray_cluster, data_dir, gar, attack, privac
         assert (engine.plan.sigma > 0) == (privacy == "per_step")
         got = run_steps(engine, cfg.steps)
         names = set(engine.actor_names())
+        assert engine.transport == ("shared_memory" if transport == "auto" else "object_store")
+        assert engine.transport_log == []
     # Inside a Ray connection the engine does not own, its actors stay warm for the next run.
     assert {a["name"] for a in _our_actors()} == names and warm_pool() is not None
     assert_same(got, local_reference(cfg))
@@ -242,14 +247,20 @@ def test_dead_and_hung_workers_are_replaced_then_the_run_stops_by_name(ray_clust
         assert got.final_cross_accuracy == pytest.approx(ref.final_cross_accuracy, abs=TOL)
         assert engine.worker_actors[0] is not victim
         assert any("honest-worker actor 0" in line and "died" in line for line in engine.restart_log)
+        # Each death broke the shared-memory channel: that step went through the object store,
+        # and the next steps through new channels.
+        assert run.data.tags["tuneguard.actor_transport"] == "shared_memory (3 steps), object_store (2 steps)"
+        assert len(engine.transport_log) == 2 and "channel broke" in engine.transport_log[0]
         assert any("Byzantine actor" in line and "died" in line for line in engine.restart_log)
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(victim.ready.remote(), timeout=30)
 
-        # 2. Hung (sleeps past actors.step_timeout_s): killed, restarted once, same numbers.
+        # 2. Hung (its computation stalls past actors.step_timeout_s: it holds the actor's lock,
+        #    which a step on either transport needs): killed, restarted once, same numbers.
         def hang(m):
             if m["step"] == 3:
-                engine.worker_actors[1].__ray_call__.remote(lambda self: time.sleep(60))
+                engine.worker_actors[1].__ray_call__.remote(
+                    lambda self: [self.lock.acquire(), time.sleep(60), self.lock.release()])
         got = train(cfg, track=False, engine=engine, callback=hang)
         assert got.status == "FINISHED"
         assert got.history[-1]["param_norm"] == pytest.approx(ref.history[-1]["param_norm"], abs=TOL)

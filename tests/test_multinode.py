@@ -48,6 +48,7 @@ def test_actors_spread_over_two_nodes_with_local_numbers(tmp_path, data_dir):
     assert len(rep["runs"]) == 2
     for run in rep["runs"]:
         assert run["actor_nodes"] == "2", run  # placement spread: the server (trainable) and its actors on both nodes
+        assert run["transport"] == "object_store", run  # actors off the server's node: no shared memory
         for key, values in run["actors"].items():
             assert values == pytest.approx(run["local"][key], rel=1e-5, abs=1e-6), key
 

@@ -162,6 +162,9 @@ class ActorsConfig(_Strict):
     address: str | None = Field(None, description="Ray address; None: RAY_ADDRESS, else a private local cluster")
     placement: Literal["pack", "spread"] = Field(
         "pack", description="where a run's actors go: pack (as few nodes as possible) or spread (over the nodes)")
+    transport: Literal["auto", "object_store"] = Field(
+        "auto", description="how a step's vectors travel: auto (shared memory and a socket per actor when every "
+        "actor runs on the server's node, CPU, Linux; else Ray's object store) or object_store (always Ray's)")
 
     @field_validator("address")
     @classmethod

@@ -56,6 +56,7 @@ ACTOR_RESTART_LOG = "tuneguard.actor_restart_log"
 ACTORS_WARM = "tuneguard.actors_warm"
 ACTOR_NODES = "tuneguard.actor_nodes"
 ACTOR_STARTUP_S = "tuneguard.actor_startup_s"
+ACTOR_TRANSPORT = "tuneguard.actor_transport"  # shared_memory | object_store | both, with step counts
 ACTOR_POOL = "tuneguard.actor_pool"  # which pool of warm actors a run used (its name prefix)
 BOUND_NEVER_HELD = "tuneguard.bound_never_held"  # on a job run: "1" when no run's bound ever held
 REPRODUCES_JOB = "tuneguard.reproduces_job"  # on a retrained run: the job, trial and run it reproduces

@@ -225,6 +225,9 @@ def engine_info(engine) -> dict[str, str]:
         if engine.pool is not None:
             info[schema.ACTOR_NODES] = str(len(set(engine.nodes())))
             info[schema.ACTOR_POOL] = engine.pool.name_prefix
+        transport = getattr(engine, "transport", None)
+        if transport:
+            info[schema.ACTOR_TRANSPORT] = transport
         startup = getattr(engine, "startup_seconds", math.nan)
         if math.isfinite(startup):
             info[schema.ACTOR_STARTUP_S] = f"{startup:.3f}"

@@ -34,10 +34,11 @@ class HonestSummary:
     metrics: dict[str, float]
 
 
-def honest_summary(honest: WorkerOutput) -> HonestSummary:
-    # the submissions' moments from the same one-pass statistics the little attack reads
-    # (computed once a step when both run in this process)
-    submit = Moments.of_deviations(honest.submit)
+def honest_summary(honest: WorkerOutput, submit: Moments | None = None) -> HonestSummary:
+    """``submit``: the moments of ``honest.submit`` when the caller has them (the actor
+    engine's worker actors compute their groups'); else computed here, from the same one-pass
+    statistics the little attack reads (computed once a step when both run in this process)."""
+    submit = Moments.of_deviations(honest.submit) if submit is None else submit
     return HonestSummary(submit.mean, honest_metrics(honest.sample, submit, honest.loss, honest.grad_norm,
                                                      honest.clipped_frac))
 

@@ -15,9 +15,15 @@ actors call the same step functions as the local engine (:mod:`..step`), and the
 :func:`..server.server_step`, keyed by worker id, so a run gives the local engine's numbers
 however the workers are grouped.
 
+How the vectors travel (``actors.transport``): when every actor runs on the server's node (CPU,
+Linux), through shared memory, with one Unix socket per actor to start its part and hear it is
+done (:mod:`.channel`: the workers write their rows straight into the GAR's input, no Ray call
+per step); otherwise, and for any step a channel fails, through Ray's object store as ObjectRefs.
+Same numbers either way.
+
 The actors are warm (:mod:`.pool`): started once per process and layout, reset for each run.
 They keep nothing between steps: theta_t and each actor's previous output (which carries its
-workers' momentum) travel as arguments. When a worker actor dies (killed, OOM) or hangs past
+workers' momentum) travel as arguments, or stay in the channel's other buffer. When a worker actor dies (killed, OOM) or hangs past
 ``actors.step_timeout_s``, the engine starts a new one (up to ``actors.max_restarts`` times per
 run, a hang only once), hands it the last momentum and recomputes the step: the run ends with
 the numbers of an undisturbed run. When it cannot, it raises :class:`WorkerLost`, naming the
@@ -32,12 +38,14 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray
 import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayError
 
 from tuneguard.config import ExperimentConfig
 from tuneguard.raycluster import RayConnection, connect
+from tuneguard.training.actors import channel as channels
 from tuneguard.training.actors import pool as pools
 from tuneguard.training.actors.layout import ActorLayout, plan_layout
 from tuneguard.training.actors.pool import ActorPool, Slot, WorkerLost
@@ -55,11 +63,13 @@ from tuneguard.training.step import WorkerOutput
 
 @dataclass
 class ActorState:
-    """theta_t (here, on the server) and ObjectRefs to each actor's output of step t - 1."""
+    """theta_t (here, on the server) and where each actor's output of step t - 1 is: ObjectRefs,
+    or (``shared``) the channel buffer that holds the rows of step t - 1."""
 
     theta: torch.Tensor
     honest: list[ray.ObjectRef | None]  # per worker actor: its last output (momentum), None at start
     byz: ray.ObjectRef | None = None  # Byzantine actor's last output (label-flip momentum)
+    shared: int | None = None  # step t - 1 went through the channel: its rows are in rows[shared]
 
 
 @dataclass
@@ -103,6 +113,11 @@ class ActorEngine:
         self.run_key = uuid.uuid4().hex  # this run's context on the (possibly shared) actors
         self._restarts: dict[int, int] = {}  # slot position -> restarts in this run
         self._timeouts: dict[int, int] = {}
+        self._channel: channels.Channel | None = None
+        self._channel_off: str | None = None  # why this run's steps go through the object store
+        self._channel_failures = 0
+        self.steps_by_transport = {"shared_memory": 0, "object_store": 0}
+        self.transport_log: list[str] = []
         from tuneguard.training.plan import InfeasibleBudget
 
         try:
@@ -217,6 +232,16 @@ class ActorEngine:
         return self.pool.names() if self.pool is not None else []
 
     @property
+    def transport(self) -> str:
+        """How this run's steps travelled: ``shared_memory``, ``object_store``, or both with counts."""
+        done = {k: v for k, v in self.steps_by_transport.items() if v}
+        if len(done) == 2:
+            return ", ".join(f"{k} ({v} steps)" for k, v in done.items())
+        if done:
+            return next(iter(done))
+        return "object_store" if self._channel_off else "shared_memory"
+
+    @property
     def restarts(self) -> int:
         """Actor restarts in this run."""
         return len(self.restart_log)
@@ -242,6 +267,139 @@ class ActorEngine:
             raise
 
     def _step(self, state: ActorState, t: int) -> tuple[ActorState, dict[str, float]]:
+        ch = self._open_channel()
+        if ch is not None:
+            try:
+                out = self._shared_step(ch, state, t)
+                self.steps_by_transport["shared_memory"] += 1
+                return out
+            except channels.ChannelBroken as err:
+                # The object store path finds what failed and restarts it (same numbers); the
+                # next step opens new channels.
+                state = self._leave_channel(state)
+                self._channel_failures += 1
+                self.transport_log.append(f"step {t + 1}: the shared-memory channel broke ({err}); "
+                                          "the step went through the object store")
+            except channels.ChannelError as err:
+                raise RuntimeError(f"step {t + 1}: an actor failed:\n{err}") from None
+        out = self._object_store_step(state, t)
+        self.steps_by_transport["object_store"] += 1
+        return out
+
+    # Same-node channel ----------------------------------------------------------------------
+    def _open_channel(self) -> channels.Channel | None:
+        if self._channel is not None or self._channel_off is not None:
+            return self._channel
+        why = self._channel_unusable()
+        if why is None and self._channel_failures >= 3:
+            why = f"the shared-memory channel broke {self._channel_failures} times"
+        if why is not None:
+            self._channel_off = why
+            return None
+        assert self.pool is not None
+        cfg = self.cfg
+        with self.pool.lock:  # the addresses of actors a sibling run is not replacing right now
+            addresses = [s.channel for s in self._slots]
+        specs = [{"index": s.index, "run": self.run_key} for s in self._slots]
+        geometry = channels.Geometry(self.d, cfg.n_workers, len(self.layout.groups))
+        try:
+            self._channel = channels.Channel(geometry, addresses, specs, cfg.actors.step_timeout_s)  # type: ignore[arg-type]
+        except (OSError, EOFError, channels.ChannelBroken, channels.ChannelError) as err:
+            self._channel_failures += 1
+            self.transport_log.append(f"could not open the shared-memory channel ({type(err).__name__}: {err})")
+        return self._channel
+
+    def _channel_unusable(self) -> str | None:
+        """Why this run cannot use same-node channels, or None."""
+        if self.cfg.actors.transport != "auto":
+            return f"actors.transport={self.cfg.actors.transport}"
+        if not channels.supported():
+            return "shared memory by descriptor needs Linux"
+        if self.layout.gpus or self.ctx.device.type != "cpu":
+            return "CUDA runs use the object store"
+        here = ray.get_runtime_context().get_node_id()
+        if any(s.node_id != here for s in self._slots):
+            return "actors on other nodes"
+        if any(s.channel is None for s in self._slots):
+            return "an actor without a channel"
+        return None
+
+    def _close_channel(self) -> None:
+        ch, self._channel = self._channel, None
+        if ch is not None:
+            ch.close()
+
+    def _leave_channel(self, state: ActorState) -> ActorState:
+        """``state`` with step t - 1's rows (the momentum) as ObjectRefs; closes the channel."""
+        if state.shared is not None:
+            assert self._channel is not None
+            mom = self._channel.buffers.rows[state.shared]
+            state = self.import_state(self._momentum_of(mom, state.theta))
+        self._close_channel()
+        return state
+
+    def _momentum_of(self, rows: torch.Tensor, theta: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """The checkpoint form of the momentum buffers kept in a channel buffer's ``rows``."""
+        cfg = self.cfg
+        h, n = cfg.n_honest, cfg.n_workers
+        momentum = rows[:h].clone() if cfg.momentum > 0 else None
+        byz = rows[h:n].clone() if cfg.momentum > 0 and self.label_flip and n > h else None
+        return {"theta": theta.detach().cpu().clone(), "momentum": momentum, "byz_momentum": byz}
+
+    def _shared_step(self, ch: channels.Channel, state: ActorState, t: int) -> tuple[ActorState, dict[str, float]]:
+        """Step t through the channel (module docstring of :mod:`.channel`)."""
+        cfg = self.cfg
+        h, n = cfg.n_honest, cfg.n_workers
+        bufs = ch.buffers
+        groups = self.layout.groups
+        if state.shared is None:  # the momentum arrives as ObjectRefs (a checkpoint, a failed step)
+            read = 0
+            prev = self._seed(bufs.rows[read], state)
+            byz_prev = prev and state.byz is not None
+        else:
+            read = state.shared
+            prev = byz_prev = cfg.momentum > 0
+        w = 1 - read
+        bufs.theta.copy_(state.theta)
+        for i in range(len(groups)):
+            ch.go(i, t, w, prev)
+        byz = len(groups) if self._byz_slot() is not None else None
+        if byz is not None and self.label_flip:  # they train on their own: they need no honest row
+            ch.go(byz, t, w, byz_prev)
+        replies = [ch.recv(i) for i in range(len(groups))]
+        if byz is not None and not self.label_flip:
+            ch.go(byz, t, w, False)
+        # The honest half of the server's work overlaps the Byzantine actor's crafting.
+        loss, grad_norm, clipped = (torch.from_numpy(np.concatenate([r[k] for r in replies])) for k in range(3))
+        sample, submit = (Moments.combine([Moments(len(g), bufs.means[i, j].clone(), float(r[3 + j]))
+                                           for i, (g, r) in enumerate(zip(groups, replies, strict=True))])
+                          for j in (0, 1))
+        honest = WorkerOutput(sample, bufs.rows[w][:h], None, loss, grad_norm, clipped)  # type: ignore[arg-type]
+        summary = honest_summary(honest, submit)
+        if byz is not None:
+            ch.recv(byz)
+        stack = bufs.rows[w] if n > h else bufs.rows[w][:h]
+        theta, metrics = server_step(self.ctx, state.theta, honest, None, t, summary=summary, stacked=stack)
+        return ActorState(theta, [None] * len(groups), None, shared=w), metrics
+
+    def _seed(self, rows: torch.Tensor, state: ActorState) -> bool:
+        """Write the momentum of ``state``'s ObjectRefs into ``rows``; whether there was any."""
+        cfg = self.cfg
+        if cfg.momentum <= 0 or any(r is None for r in state.honest):
+            return False
+        outs = ray.get(list(state.honest))
+        if any(o.get("momentum") is None for o in outs):
+            return False
+        for g, o in zip(self.layout.groups, outs, strict=True):
+            rows[g[0]:g[-1] + 1].copy_(torch.from_numpy(o["momentum"]))
+        if state.byz is not None:
+            mom = ray.get(state.byz).get("momentum")
+            if mom is not None:
+                rows[cfg.n_honest:cfg.n_workers].copy_(torch.from_numpy(mom))
+        return True
+
+    # Object store ---------------------------------------------------------------------------
+    def _object_store_step(self, state: ActorState, t: int) -> tuple[ActorState, dict[str, float]]:
         theta_ref = ray.put(state.theta.detach().cpu().numpy())
         refs = _StepRefs([None] * len(self.layout.groups))
         timeout = self.cfg.actors.step_timeout_s
@@ -388,6 +546,9 @@ class ActorEngine:
             self.restart_log.append(f"{where}: restarted the {slot.label} ({why}), restart {done + 1}/{limit}")
 
     def export_state(self, state: ActorState) -> dict[str, torch.Tensor | None]:
+        if state.shared is not None:
+            assert self._channel is not None, "the channel holding this state's momentum is closed"
+            return self._momentum_of(self._channel.buffers.rows[state.shared], state.theta)
         theta = state.theta.detach().cpu().clone()
         momentum = None
         if self.cfg.momentum > 0 and all(r is not None for r in state.honest):
@@ -419,6 +580,8 @@ class ActorEngine:
             return
         self._closed = True
         keep = getattr(self, "warm", False) and not self._broken if keep is None else keep
+        if getattr(self, "_channel", None) is not None:
+            self._close_channel()
         pool, self.pool = self.pool, None
         if pool is not None:
             pool.detach(self.run_key)

@@ -55,6 +55,7 @@ class Slot:
     pids: list[int] = field(default_factory=list)
     actor_id: str | None = None  # hex id of the running actor (reported by the actor itself)
     node_id: str | None = None  # the Ray node it runs on
+    channel: tuple[str, bytes] | None = None  # its same-node channel's address (socket path, key)
     past_ids: set[str] = field(default_factory=set)
 
     @property
@@ -211,10 +212,10 @@ class ActorPool:
                 f"{ray.available_resources()}). Lower actors.cpus_per_actor, raise actors.workers_per_actor, "
                 "or in Ray Tune use trial_resources(cfg)."
             ) from None
-        for (s, _), (pid, actor_id, node_id) in zip(calls, out, strict=True):
+        for (s, _), (pid, actor_id, node_id, channel) in zip(calls, out, strict=True):
             if not s.pids or s.pids[-1] != pid:
                 s.pids.append(pid)
-            s.actor_id, s.node_id = actor_id, node_id
+            s.actor_id, s.node_id, s.channel = actor_id, node_id, channel
 
     def restart(self, slot: Slot, seen: Any) -> bool:
         """Replace ``slot``'s actor by a new one, reset for every attached run. ``seen``: the

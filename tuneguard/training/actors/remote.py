@@ -11,6 +11,7 @@ the same node read them without copying.
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from tuneguard.config import ExperimentConfig
 from tuneguard.data import Dataset
+from tuneguard.training.actors import channel as channels
 from tuneguard.training.context import build_context
 from tuneguard.training.metrics import Moments
 from tuneguard.training.plan import PrivacyPlan
@@ -99,31 +101,43 @@ class _Role:
         self._data_of: dict[str, str] = {}  # run key -> data key
         self._data: dict[str, Dataset] = {}  # data key -> dataset
         self.resets = 0
+        # One computation at a time, whether a step arrives as a Ray call or on a same-node
+        # channel (:mod:`.channel`, served by threads of this process).
+        self.lock = threading.RLock()
+        self.channel = None
+        if channels.supported() and self.device.type == "cpu":
+            self.channel = channels.ChannelListener(self._on_channel, self.lock)
 
     def reset(self, cfg: ExperimentConfig, plan: PrivacyPlan, data_key: str, data_box: list,
               run: str = "") -> tuple[int, str, str]:
         """Prepare for run ``run`` of ``cfg``. ``data_box``: [ObjectRef of the packed dataset],
         boxed so that Ray does not fetch it unless this actor lacks ``data_key``."""
         self.drop(run)
-        if data_key not in self._data:
-            self._data[data_key] = dataset_from_numpy(ray.get(data_box[0])).to(self.device)
-        self._data_of[run] = data_key
-        self.runs[run] = build_context(cfg, self.device, data=self._data[data_key], plan=plan)
-        self.resets += 1
+        with self.lock:
+            if data_key not in self._data:
+                self._data[data_key] = dataset_from_numpy(ray.get(data_box[0])).to(self.device)
+            self._data_of[run] = data_key
+            self.runs[run] = build_context(cfg, self.device, data=self._data[data_key], plan=plan)
+            self.resets += 1
         return self.ready()
 
     def drop(self, run: str) -> None:
         """Forget run ``run`` (and a dataset no run uses any more)."""
-        self.runs.pop(run, None)
-        self._data_of.pop(run, None)
-        for key in [k for k in self._data if k not in self._data_of.values()]:
-            del self._data[key]
+        with self.lock:
+            self.runs.pop(run, None)
+            self._data_of.pop(run, None)
+            for key in [k for k in self._data if k not in self._data_of.values()]:
+                del self._data[key]
 
-    def ready(self) -> tuple[int, str, str]:
-        """(process id, actor id, node id): the engine matches lost-actor errors to actors by
-        the actor id; the node id says where the actor runs."""
+    def ready(self) -> tuple[int, str, str, tuple[str, bytes] | None]:
+        """(process id, actor id, node id, channel address): the engine matches lost-actor errors
+        to actors by the actor id; the node id says where the actor runs; a server on the same
+        node connects to the address (:mod:`.channel`; None where this actor has none)."""
         ctx = ray.get_runtime_context()
-        return os.getpid(), ctx.get_actor_id(), ctx.get_node_id()
+        return os.getpid(), ctx.get_actor_id(), ctx.get_node_id(), self.channel.address if self.channel else None
+
+    def _on_channel(self, buffers: channels.SharedBuffers, spec: dict[str, Any], step: tuple[int, int, bool]) -> Any:
+        raise NotImplementedError
 
     def memory(self) -> dict[str, float]:
         return {"pid": os.getpid(), "resets": self.resets, **memory_info()}
@@ -144,13 +158,36 @@ class HonestWorkers(_Role):
         The [k, d] submitted rows come back as one contiguous array (doubling as the momentum
         buffer when momentum is on), with the moments of the rows before noise; Ray stores them
         once and same-node readers map them without a copy."""
-        mom = to_tensor(prev.get("momentum"), self.device) if prev else None
-        out = worker_round(self.runs[run], to_tensor(theta, self.device), mom, self.workers, t)
-        # The "sample" rows (before noise) only feed the VN metrics: their moments go instead of
-        # [k, d] more floats through the object store (~1.6 ms per MB on the reference VM).
-        moments = Moments.of(out.sample)
-        return {**pack(sample_mean=moments.mean, submit=out.submit, momentum=out.momentum, loss=out.loss,
-                       grad_norm=out.grad_norm, clipped_frac=out.clipped_frac), "sample_m2": moments.m2}
+        with self.lock:
+            mom = to_tensor(prev.get("momentum"), self.device) if prev else None
+            out = worker_round(self.runs[run], to_tensor(theta, self.device), mom, self.workers, t)
+            # The "sample" rows (before noise) only feed the VN metrics: their moments go instead
+            # of [k, d] more floats through the object store (~1.6 ms per MB on the reference VM).
+            moments = Moments.of(out.sample)
+            return {**pack(sample_mean=moments.mean, submit=out.submit, momentum=out.momentum, loss=out.loss,
+                           grad_norm=out.grad_norm, clipped_frac=out.clipped_frac), "sample_m2": moments.m2}
+
+    def _on_channel(self, buffers: channels.SharedBuffers, spec: dict[str, Any], step: tuple[int, int, bool]) -> Any:
+        """Step t of run ``spec["run"]`` on a channel (``step``: (t, w, prev)): :meth:`round`
+        with the rows written into ``buffers.rows[w]`` (momentum read from ``rows[1 - w]`` when
+        ``prev``) and the rows' means into this actor's ``means`` rows; returns the
+        per-worker scalars.
+
+        It also computes the moments of its submitted rows (the server's "submit" VN ratio) with
+        the one-pass statistics the local engine uses, while the server would otherwise wait:
+        the server combines the groups' moments, as for the "sample" rows."""
+        t, w, prev = step
+        lo, hi = self.workers[0], self.workers[-1] + 1
+        rows = buffers.rows[w][lo:hi]
+        mom = buffers.rows[1 - w][lo:hi] if prev else None
+        out = worker_round(self.runs[spec["run"]], buffers.theta, mom, self.workers, t, submit_out=rows)
+        if out.submit.data_ptr() != rows.data_ptr():
+            rows.copy_(out.submit)
+        sample, submit = Moments.of(out.sample), Moments.of_deviations(rows)
+        means = buffers.means[spec["index"]]
+        means[0].copy_(sample.mean)
+        means[1].copy_(submit.mean)
+        return out.loss.numpy(), out.grad_norm.numpy(), out.clipped_frac.numpy(), sample.m2, submit.m2
 
 
 @ray.remote
@@ -159,15 +196,34 @@ class ByzantineWorkers(_Role):
     submission; label flippers instead train on flipped labels (with their own momentum)."""
 
     def craft(self, run: str, t: int, theta: np.ndarray | None, prev: Packed | None, *honest: Packed) -> Packed:
-        ctx = self.runs[run]
-        ids = list(range(ctx.cfg.n_honest, ctx.cfg.n_workers))
-        flipped = None
+        with self.lock:
+            ctx = self.runs[run]
+            ids = list(range(ctx.cfg.n_honest, ctx.cfg.n_workers))
+            flipped = None
+            if ctx.label_flip:
+                mom = to_tensor(prev.get("momentum"), self.device) if prev else None
+                flipped = worker_round(ctx, to_tensor(theta, self.device), mom, ids, t, flip=True)
+            submit = (read_rows([h["submit"] for h in honest], self.device) if honest
+                      else torch.empty(0, ctx.d, device=self.device))
+            vectors = byzantine_vectors(ctx, submit, t, flipped, gar=ctx.gar)
+            return pack(vectors=vectors, momentum=flipped.momentum if flipped is not None else None)
+
+    def _on_channel(self, buffers: channels.SharedBuffers, spec: dict[str, Any], step: tuple[int, int, bool]) -> Any:
+        """Step t of run ``spec["run"]`` on a channel (``step``: (t, w, prev)): the f rows below
+        the honest ones in ``buffers.rows[w]``, crafted from the honest rows there (label
+        flippers: trained, their momentum read from ``rows[1 - w]`` when ``prev``)."""
+        t, w, prev = step
+        ctx = self.runs[spec["run"]]
+        h, n = ctx.cfg.n_honest, ctx.cfg.n_workers
+        dest = buffers.rows[w][h:n]
         if ctx.label_flip:
-            mom = to_tensor(prev.get("momentum"), self.device) if prev else None
-            flipped = worker_round(ctx, to_tensor(theta, self.device), mom, ids, t, flip=True)
-        submit = read_rows([h["submit"] for h in honest], self.device) if honest else torch.empty(0, ctx.d, device=self.device)
-        vectors = byzantine_vectors(ctx, submit, t, flipped, gar=ctx.gar)
-        return pack(vectors=vectors, momentum=flipped.momentum if flipped is not None else None)
+            mom = buffers.rows[1 - w][h:n] if prev else None
+            vectors = worker_round(ctx, buffers.theta, mom, list(range(h, n)), t, flip=True, submit_out=dest).submit
+        else:
+            vectors = byzantine_vectors(ctx, buffers.rows[w][:h], t, None, gar=ctx.gar)
+        if vectors.data_ptr() != dest.data_ptr():
+            dest.copy_(vectors)
+        return None
 
 
 def read_rows(arrays: list[np.ndarray], device: torch.device) -> torch.Tensor:
