@@ -11,6 +11,10 @@ machine noise hits all alike; the median round and the best round (the least dis
 processes on a shared machine) are reported. ``local (1 thread)`` is the local engine with one
 torch thread, the compute each actor gets.
 
+The actor engine's steps go through shared memory here (all actors on this node); the phase
+table times the object-store path (``actors.transport: object_store``, for actors on other
+nodes) one hop at a time.
+
 Also: the actor engine's start-up (constructor: dataset put + actors started and ready; the Ray
 cluster itself is started once, before) and the memory of each actor process (PSS: shared pages
 divided among the processes that map them, so the object-store dataset counts once in total;
@@ -137,6 +141,10 @@ def measure(b: int, steps: int, repeats: int) -> list[dict]:
                    "best_ms": best * 1e3, "best_ratio": best / base_min,
                    "overhead_ms": (best - base_min) * 1e3, "startup_s": e.startup, "mem": None}
             if isinstance(e.engine, ActorEngine):
+                steps_seen = list(e.engine.timeline)  # the timed rounds' shared-memory steps
+                if steps_seen:
+                    row["timeline"] = {k: statistics.median(x.get(k, 0.0) for x in steps_seen) for k in steps_seen[0]}
+                row["transport"] = e.engine.transport
                 row["phases"] = phase_profile(e.engine, e.state, e.t, 5)
                 mem = e.engine.actor_memory()
                 row["mem"] = {
@@ -187,7 +195,19 @@ def main() -> None:
         start = f"{r['startup_s']:.1f} s" if r["startup_s"] is not None else "-"
         lines.append(f"| {r['b']} | {r['engine']} | {r['wpa']} | {r['step_ms'] / 1e3:.4f} | {r['ratio']:.2f}x | "
                      f"{r['best_ms'] / 1e3:.4f} | {r['best_ratio']:.2f}x | {r['overhead_ms']:+.1f} ms | {start} | {mem} |")
-    lines += ["", "Where an actor step goes (phases run one at a time; median ms: round trip seen by the driver / "
+    lines += ["", "Where a shared-memory actor step goes (the engine's own timeline of the timed steps, median ms; "
+              "start: until the last worker actor began; workers: the slowest one's compute; gather: until the "
+              "server read the last reply; Byzantine: its wake-up, crafting (in brackets) and reply, overlapping "
+              "the server's honest metrics; server: GAR, update, metrics):", "",
+              "| b | engine | transport | start | workers | gather | Byzantine (craft) | server | step |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        tl = r.get("timeline")
+        if tl:
+            lines.append(f"| {r['b']} | {r['engine']} | {r['transport']} | {tl['start']:.1f} | {tl['workers']:.1f} | "
+                         f"{tl['gather']:.1f} | {tl['byzantine']:.1f} ({tl.get('craft', 0.0):.1f}) | {tl['server']:.1f} | "
+                         f"{tl['step']:.1f} |")
+    lines += ["", "Where an object-store actor step goes (`actors.transport: object_store`; phases run one at a time; median ms: round trip seen by the driver / "
               "time inside the actor; the server is the driver itself, its row is its whole work: reading the outputs, stacking, honest metrics, GAR, update):", "",
               "| b | engine | honest workers | Byzantine craft | server update |", "|---|---|---|---|---|"]
     for r in rows:

@@ -314,3 +314,12 @@ def test_flat_params_are_valid_mlflow_param_names():
         assert params and all(re.fullmatch(r"[/\w.\- :]+", k) and len(k) <= 250 for k in params), params
     params = Space.load(REPO / "search_spaces" / "paper_mnist.yaml").flat_params()
     assert params["search.1.gar"] == "average" and params["tune.mode"] == "grid"
+
+
+def test_tune_jobs_run_on_ray_actors_unless_the_space_says_otherwise():
+    """Issue 12: actors are the default engine of tune jobs; base.engine, then tune.engine, override."""
+    search = "search: {batch_size: [8]}\n"
+    assert space(BASE + search).base_raw()["engine"] == "actors"
+    assert space(BASE.replace("eval_every: 2", "eval_every: 2, engine: local") + search).base_raw()["engine"] == "local"
+    assert space(BASE + search + "tune: {engine: local}\n").base_raw()["engine"] == "local"
+    assert Space.load(REPO / "search_spaces" / "quickstart.yaml").base_raw()["engine"] == "actors"

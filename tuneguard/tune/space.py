@@ -90,10 +90,11 @@ class AshaSettings(_Strict):
     reduction_factor: int = Field(2, ge=2, le=1000)
 
 
-# The engine of a tune job whose space names none. Issue 12 makes Ray actors the default once a
-# job on actors costs at most ~1.3x the local engine; measured 1.33-1.43x on the quickstart (BENCHMARKS.md,
-# "Tune job per engine"), so the single-process engine stays the default for now.
-DEFAULT_TUNE_ENGINE = "local"
+# The engine of a tune job whose space names none: Ray actors, the mission's shape (a parameter
+# server and worker actors per trial). Since steps between same-node actors go through shared
+# memory, the quickstart job costs ~1.25x the single-process engine on 2 cores (issue 12's bar:
+# 1.3x; BENCHMARKS.md, "Tune job per engine").
+DEFAULT_TUNE_ENGINE = "actors"
 
 
 class TuneSettings(_Strict):
@@ -110,7 +111,7 @@ class TuneSettings(_Strict):
                            "max_cross_accuracy | worst_case | accuracy_vs_eps (Pareto front, multi-objective) | "
                            "accuracy_eps_f (also maximises the tolerated f, which the search must vary)")
     engine: Literal["local", "actors"] | None = Field(
-        None, description="overrides base.engine; when neither is set, tune jobs use the local engine")
+        None, description="overrides base.engine; when neither is set, tune jobs use Ray actors")
     cpus_per_trial: float = Field(1.0, gt=0, le=4096, description="CPUs a trial reserves in all (actors: shared by "
                                   "the trainable and its actors, one worker actor per whole CPU)")
     max_failures: int = Field(1, ge=0, le=1000, description="times a failed trial is retried from its checkpoint")

@@ -32,6 +32,7 @@ actor and its worker ids.
 
 from __future__ import annotations
 
+import collections
 import json
 import time
 import uuid
@@ -118,6 +119,8 @@ class ActorEngine:
         self._channel_failures = 0
         self.steps_by_transport = {"shared_memory": 0, "object_store": 0}
         self.transport_log: list[str] = []
+        # per shared-memory step (the last 1000), where its time went, in ms: see _shared_step
+        self.timeline: collections.deque[dict[str, float]] = collections.deque(maxlen=1000)
         from tuneguard.training.plan import InfeasibleBudget
 
         try:
@@ -360,6 +363,7 @@ class ActorEngine:
             read = state.shared
             prev = byz_prev = cfg.momentum > 0
         w = 1 - read
+        t0 = time.monotonic()
         bufs.theta.copy_(state.theta)
         for i in range(len(groups)):
             ch.go(i, t, w, prev)
@@ -367,6 +371,7 @@ class ActorEngine:
         if byz is not None and self.label_flip:  # they train on their own: they need no honest row
             ch.go(byz, t, w, byz_prev)
         replies = [ch.recv(i) for i in range(len(groups))]
+        t_honest = time.monotonic()
         if byz is not None and not self.label_flip:
             ch.go(byz, t, w, False)
         # The honest half of the server's work overlaps the Byzantine actor's crafting.
@@ -378,9 +383,30 @@ class ActorEngine:
         summary = honest_summary(honest, submit)
         if byz is not None:
             ch.recv(byz)
+        t_byz = time.monotonic()
         stack = bufs.rows[w] if n > h else bufs.rows[w][:h]
         theta, metrics = server_step(self.ctx, state.theta, honest, None, t, summary=summary, stacked=stack)
+        self._record(ch, t0, t_honest, t_byz, time.monotonic(), len(groups))
         return ActorState(theta, [None] * len(groups), None, shared=w), metrics
+
+    def _record(self, ch: channels.Channel, t0: float, t_honest: float, t_byz: float, t_end: float, a: int) -> None:
+        """Where a shared-memory step's time went (ms; the actors' clock is this node's): until the
+        last worker actor began, its computing, until the server read the last rows, the
+        Byzantine actor's part (wake-up, crafting, reply; overlapping the server's honest
+        metrics), the server's GAR, update and metrics, the whole step."""
+        times = [x for x in ch.last_times[:a] if x is not None]
+        if len(times) != a:
+            return
+        ms = 1e3
+        row = {"start": (max(x[1] for x in times) - t0) * ms,
+               "workers": max(x[2] - x[1] for x in times) * ms,
+               "gather": (t_honest - max(x[2] for x in times)) * ms,
+               "byzantine": (t_byz - t_honest) * ms,
+               "server": (t_end - t_byz) * ms,
+               "step": (t_end - t0) * ms}
+        if len(ch.last_times) > a and ch.last_times[a] is not None:
+            row["craft"] = (ch.last_times[a][2] - ch.last_times[a][1]) * ms
+        self.timeline.append(row)
 
     def _seed(self, rows: torch.Tensor, state: ActorState) -> bool:
         """Write the momentum of ``state``'s ObjectRefs into ``rows``; whether there was any."""
