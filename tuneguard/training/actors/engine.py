@@ -37,6 +37,7 @@ import json
 import time
 import uuid
 from dataclasses import dataclass, field
+from multiprocessing import AuthenticationError
 from typing import Any
 
 import numpy as np
@@ -295,7 +296,8 @@ class ActorEngine:
             return self._channel
         why = self._channel_unusable()
         if why is None and self._channel_failures >= 3:
-            why = f"the shared-memory channel broke {self._channel_failures} times"
+            why = f"the shared-memory channel failed {self._channel_failures} times"
+            self.transport_log.append(f"{why}: the run's next steps go through the object store")
         if why is not None:
             self._channel_off = why
             return None
@@ -307,7 +309,7 @@ class ActorEngine:
         geometry = channels.Geometry(self.d, cfg.n_workers, len(self.layout.groups))
         try:
             self._channel = channels.Channel(geometry, addresses, specs, cfg.actors.step_timeout_s)  # type: ignore[arg-type]
-        except (OSError, EOFError, channels.ChannelBroken, channels.ChannelError) as err:
+        except (OSError, EOFError, AuthenticationError, channels.ChannelBroken, channels.ChannelError) as err:
             self._channel_failures += 1
             self.transport_log.append(f"could not open the shared-memory channel ({type(err).__name__}: {err})")
         return self._channel
