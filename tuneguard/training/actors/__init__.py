@@ -6,6 +6,8 @@ of paper 001 with the local engine's step functions, so a run gives the same num
 - :class:`ActorEngine`      the engine (:mod:`.engine`: data flow, restarts, shutdown)
 - :class:`ActorPool`        warm actors: started once per process and layout, reset per run
                             (:mod:`.pool`; :func:`shutdown_warm` kills this process's pool)
+- :mod:`.channel`           same-node steps through shared memory (eventfd to start, a Unix
+                            socket to answer); :mod:`.remote` the actors themselves
 - :func:`trial_resources`   the Ray Tune placement group a trial running it needs
 - :func:`plan_layout`       which actors a config creates, what each reserves (:mod:`.layout`:
                             the default ``workers_per_actor`` rule)

@@ -14,8 +14,9 @@ other run's server aggregates: the gaps of a step's dependent hops are filled.
 
 ``attach(run, cfg, plan, data_key, data)`` has each actor rebuild its context for the run
 (partition, model, buffers) and fetch the dataset from the object store only when it lacks
-``data_key``. Momentum and parameters travel with each step (ObjectRefs the engine holds), so
-nothing of an earlier or a concurrent run can leak into another one.
+``data_key``. Momentum and parameters travel with each step (ObjectRefs the engine holds, or
+the run's own shared buffers: :mod:`.channel`), so nothing of an earlier or a concurrent run can
+leak into another one.
 """
 
 from __future__ import annotations

@@ -1,11 +1,14 @@
 """The Ray actors of the actor engine: honest workers and Byzantine workers (the parameter
 server is the process that drives the run, see :mod:`.engine`). They are warm (started once, reset for each run) and
 stateless between steps: everything a step needs (theta_t, the previous momentum) arrives as an
-argument, by ObjectRef, so a restarted actor recomputes a step exactly, and a step can be
-retried without double-applying momentum.
+argument, by ObjectRef, or sits in the run's shared buffers, so a restarted actor recomputes a
+step exactly, and a step can be retried without double-applying momentum.
 
-Values travel as dicts of numpy arrays: Ray stores them once in the object store and actors on
-the same node read them without copying.
+A step reaches an actor one of two ways, computed the same: a Ray call (:meth:`round`,
+:meth:`craft`; values as dicts of numpy arrays, which Ray stores once in the object store and
+same-node readers map without copying), or, from a server on the same node, the actor's channel
+(:mod:`.channel`: served by threads of this process, rows read and written in shared memory).
+Either takes the actor's lock, so it computes one thing at a time.
 """
 
 from __future__ import annotations
