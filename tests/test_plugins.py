@@ -150,12 +150,13 @@ def test_train_cli_with_plugin_model_and_dataset(plugin_path, tracking_uri):
 def test_two_trial_tune_job_with_plugin_model_and_dataset(plugin_path, tmp_path):
     """A real `tuneguard tune` process (Ray starts there; its trial processes and their actors
     import the plugins through PYTHONPATH), searching over model_params like any other key, on
-    the actor engine: the local engine's numbers."""
+    the actor engine (the default of tune jobs; f = 0: worker actors only, through shared
+    memory): the local engine's numbers."""
     base = {"name": "tg-plugins", "dataset": "custom_model:stripes", "dataset_params": {"n": 600},
             "model": "custom_model:GNNet", "n_workers": 3, "steps": 4, "eval_every": 2, "batch_size": 16,
             "momentum": 0.9, "lr": 0.1, "f": 0, "attack": "none"}
     space = {
-        "base": {**base, "engine": "actors"},
+        "base": base,  # no engine: tune jobs run on actors
         "scenario": {"privacy": {"mode": "none"}},
         "search": {"model_params.width": [4, 6]},
         "tune": {"mode": "grid", "seed": 0, "scheduler": "none"},
@@ -191,6 +192,7 @@ def test_two_trial_tune_job_with_plugin_model_and_dataset(plugin_path, tmp_path)
 
     for r in runs:
         assert r.data.tags["engine"] == "actors" and "tuneguard.actors_warm" in r.data.tags, r.data.tags
+        assert r.data.tags["tuneguard.actor_transport"] == "shared_memory", r.data.tags
         width = int(r.data.params["model_params.width"])
         local = train(build_config({**base, "model_params": {"width": width}, "privacy": {"mode": "none"},
                                     "engine": "local"}), track=False)
