@@ -16,14 +16,15 @@ actors call the same step functions as the local engine (:mod:`..step`), and the
 however the workers are grouped.
 
 How the vectors travel (``actors.transport``): when every actor runs on the server's node (CPU,
-Linux), through shared memory, with one Unix socket per actor to start its part and hear it is
-done (:mod:`.channel`: the workers write their rows straight into the GAR's input, no Ray call
-per step); otherwise, and for any step a channel fails, through Ray's object store as ObjectRefs.
-Same numbers either way.
+Linux), through shared memory, an eventfd per actor to start its part and a Unix socket to hear
+it is done (:mod:`.channel`: the workers write their rows straight into the GAR's input, no Ray
+call per step); otherwise, and for any step a channel fails, through Ray's object store as
+ObjectRefs. Same numbers either way.
 
 The actors are warm (:mod:`.pool`): started once per process and layout, reset for each run.
 They keep nothing between steps: theta_t and each actor's previous output (which carries its
-workers' momentum) travel as arguments, or stay in the channel's other buffer. When a worker actor dies (killed, OOM) or hangs past
+workers' momentum) travel as arguments, or stay in the channel's other buffer. When a worker
+actor dies (killed, OOM) or hangs past
 ``actors.step_timeout_s``, the engine starts a new one (up to ``actors.max_restarts`` times per
 run, a hang only once), hands it the last momentum and recomputes the step: the run ends with
 the numbers of an undisturbed run. When it cannot, it raises :class:`WorkerLost`, naming the
